@@ -1,0 +1,1 @@
+"""Boot stage: host capabilities, QEMU machine control and the guest command channel."""

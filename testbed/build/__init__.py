@@ -1,0 +1,1 @@
+"""Build stage: kernels, guest programs and initramfs images, cached by content hash."""

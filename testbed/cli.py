@@ -1,0 +1,47 @@
+"""The `testbed` command line: one subcommand per stage of build -> boot -> snapshot -> check."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from testbed.errors import EXIT_TESTBED_ERROR, TestbedError
+
+# Each entry adds one or more subcommands; the module that owns the work owns its parser.
+Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
+
+
+def _registrars() -> list[Registrar]:
+    regs: list[Registrar] = []
+    from testbed import sysdeps
+
+    regs.append(sysdeps.add_parser)
+    from testbed.boot import commands as boot_commands
+
+    regs.append(boot_commands.add_parsers)
+    return regs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="testbed",
+        description="Boot kernels under QEMU and verify RPAL page tables, keys and TLB shootdowns.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for reg in _registrars():
+        reg(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except TestbedError as exc:
+        print(f"testbed: error: {exc.one_line()}", file=sys.stderr)
+        return EXIT_TESTBED_ERROR
+    except KeyboardInterrupt:
+        print("testbed: interrupted", file=sys.stderr)
+        return 130
