@@ -17,6 +17,9 @@ def _registrars() -> list[Registrar]:
     from testbed import sysdeps
 
     regs.append(sysdeps.add_parser)
+    from testbed.build import kernel_cli
+
+    regs.append(kernel_cli.add_parser)
     from testbed.boot import commands as boot_commands
 
     regs.append(boot_commands.add_parsers)
@@ -40,7 +43,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except TestbedError as exc:
-        print(f"testbed: error: {exc.one_line()}", file=sys.stderr)
+        line = exc.one_line()
+        print(f"testbed: error: {line}", file=sys.stderr)
+        if exc.run_dir is not None and exc.run_dir.is_dir():
+            (exc.run_dir / "error.txt").write_text(line + "\n")
         return EXIT_TESTBED_ERROR
     except KeyboardInterrupt:
         print("testbed: interrupted", file=sys.stderr)

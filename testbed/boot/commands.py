@@ -1,0 +1,159 @@
+"""`testbed exec` and `testbed boot`: start a guest, run a command or keep it up."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from testbed import paths
+from testbed.boot.kernelimage import default_kernel, inspect_kernel
+from testbed.boot.machine import Machine, MachineConfig, resolve_accel
+from testbed.build.initramfs import ImageSpec, build_image
+from testbed.errors import TestbedError
+from testbed.progress import Progress
+
+
+def add_machine_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("guest")
+    g.add_argument("--kernel", type=Path, help="bzImage (default: Debian's kernel in /boot)")
+    g.add_argument("--initrd", type=Path, help="initramfs to boot instead of the built one")
+    g.add_argument("--smp", type=int, default=2, help="number of vCPUs (default 2)")
+    g.add_argument("--mem", type=int, default=512, metavar="MiB", help="guest RAM (default 512)")
+    g.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
+                   help="kvm (-cpu host,+pku), tcg (-cpu max) or auto (default)")
+    g.add_argument("--paging", type=int, choices=(4, 5), default=5,
+                   help="guest paging depth (default 5; 4 removes LA57)")
+    g.add_argument("--pti", choices=("auto", "on", "off"), default="auto",
+                   help="kernel page-table isolation (default: the kernel's choice)")
+    g.add_argument("--append", default="", help="extra kernel command line")
+    g.add_argument("--boot-timeout", type=float, default=180.0, metavar="S",
+                   help="give up on a guest not ready after S seconds (default 180)")
+    g.add_argument("--run-dir", type=Path, help="artifact folder (default: a new one under "
+                   "$TESTBED_RUNS or ./testbed-runs)")
+
+
+def machine_from_args(args: argparse.Namespace, kind: str) -> Machine:
+    """Resolve kernel, image and accelerator from the options; say which accelerator and why.
+
+    The run folder exists from the start, so even a bad option leaves one behind.
+    """
+    run_dir = args.run_dir
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        run_dir = paths.new_run_dir(kind)
+    try:
+        return _machine(args, run_dir)
+    except TestbedError as exc:
+        exc.run_dir = exc.run_dir or run_dir
+        raise
+
+
+def _machine(args: argparse.Namespace, run_dir: Path) -> Machine:
+    kernel = args.kernel or default_kernel()
+    info = inspect_kernel(kernel)
+    if args.smp < 1 or args.mem < 64:
+        raise TestbedError("--smp must be at least 1 and --mem at least 64 MiB")
+    if args.initrd is not None:
+        if not args.initrd.is_file():
+            raise TestbedError(f"initrd {args.initrd} does not exist: pass an initramfs file")
+        initrd, ours = args.initrd, False
+    else:
+        initrd, ours = build_image(ImageSpec(kernel=info)).path, True
+    accel = resolve_accel(args.accel, args.paging, kernel, initrd)
+    print(f"testbed: {accel.describe()}", file=sys.stderr)
+    cfg = MachineConfig(
+        kernel=kernel, initrd=initrd, accel=accel, smp=args.smp, mem_mib=args.mem,
+        paging=args.paging, pti=args.pti, append=args.append,
+        boot_timeout=args.boot_timeout, ready_marker=ours,
+    )
+    return Machine(cfg, run_dir)
+
+
+def boot_with_progress(m: Machine) -> None:
+    prog = Progress("boot")
+    prog.update(f"starting QEMU ({m.run_dir})", force=True)
+    try:
+        m.start()
+        prog.update("waiting for the guest", force=True)
+        m.wait_ready()
+    except BaseException:
+        prog.done("failed")
+        m.stop()
+        raise
+    prog.done(f"ready in {m.timings.get('boot', 0) + m.timings.get('ssh', 0):.1f}s")
+
+
+def _terminate_on_signals() -> None:
+    """SIGTERM/SIGHUP unwind like Ctrl-C, so every guest is stopped and cleaned up."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, handler)
+
+
+def guest_command(argv: list[str]) -> str:
+    """Shell text for argv that keeps the shell around to report signal deaths as 128+N."""
+    return shlex.join(argv) + "\nexit $?"
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    argv = list(args.cmd)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        argv = ["tb-pkey_fault"]  # the built-in default: prove MPK works in the guest
+    _terminate_on_signals()
+    m = machine_from_args(args, "exec")
+    boot_with_progress(m)
+    try:
+        res = m.run(
+            guest_command(argv), timeout=args.timeout,
+            stdout=sys.stdout.buffer, stderr=sys.stderr.buffer, label=shlex.join(argv),
+        )
+    finally:
+        m.stop()
+    return res.status if res.status >= 0 else 255
+
+
+def cmd_boot(args: argparse.Namespace) -> int:
+    _terminate_on_signals()
+    m = machine_from_args(args, "boot")
+    boot_with_progress(m)
+    try:
+        print(f"run folder:  {m.run_dir}")
+        print(f"QMP socket:  {m.qmp_socket}")
+        print(f"console log: {m.console_log}")
+        print(f"guest RAM:   {m.ram_path}")
+        if m.keys and m.ssh_port:
+            from testbed.boot.ssh import ssh_command_line
+
+            print(f"ssh:         {ssh_command_line(m.keys, m.ssh_port)}")
+        print("Ctrl-C stops the guest.", flush=True)
+        while True:
+            m.check_alive()
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        m.stop()
+
+
+def add_parsers(sub: Any) -> None:
+    p = sub.add_parser("exec", help="boot a guest, run a command in it, exit with its status")
+    add_machine_options(p)
+    p.add_argument("--timeout", type=float, default=None, metavar="S",
+                   help="fail if the command runs longer than S seconds")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS... (default: tb-pkey_fault)")
+    p.set_defaults(func=cmd_exec)
+
+    p = sub.add_parser("boot", help="start a guest and keep it up until interrupted")
+    add_machine_options(p)
+    p.set_defaults(func=cmd_boot)

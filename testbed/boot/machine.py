@@ -1,0 +1,373 @@
+"""A QEMU guest: launch, watch, talk to, and always clean up.
+
+Guest RAM lives in a per-run file in /dev/shm (the host reads guest memory
+through it); QMP goes over a socketpair to qemu.qmp, and a second QMP
+socket in the run folder is left for people and other tools; the serial
+console is written to the run folder. QEMU gets a parent-death signal and
+its own process group, so it never outlives the testbed; the RAM file is
+deleted on stop, and files left by a killed testbed are swept at the next
+start (each is flock()ed by its owner while in use).
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from testbed import paths
+from testbed.boot import console
+from testbed.boot.hostcaps import QEMU, Accel, choose_accel
+from testbed.boot.kernelimage import KernelInfo, inspect_kernel
+from testbed.boot.qmp import QMP
+from testbed.boot.ssh import CommandResult, SshChannel, SshKeys, free_port, make_keys
+from testbed.build.initramfs import READY_MARKER, with_overlay
+from testbed.errors import GuestError, GuestPanic, GuestTimeout, QemuCrash, TestbedError
+
+SHM_DIR = Path(os.environ.get("TESTBED_SHM_DIR", "/dev/shm"))
+SHM_PREFIX = "testbed-ram-"
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class MachineConfig:
+    kernel: Path
+    initrd: Path  # the base image; per-run files are appended as an overlay
+    accel: Accel
+    smp: int = 2
+    mem_mib: int = 512
+    paging: int = 5
+    pti: str = "auto"  # auto | on | off
+    append: str = ""  # extra kernel command line
+    boot_timeout: float = 180.0
+    ssh: bool = True
+    ready_marker: bool = True  # our images print one; a user's image is ready when SSH answers
+    extra_args: list[str] = field(default_factory=list)
+
+
+def kernel_cmdline(cfg: MachineConfig) -> str:
+    parts = ["console=ttyS0,115200", "panic=-1", "rdinit=/init"]
+    if cfg.paging == 4:
+        parts.append("no5lvl")
+    if cfg.pti in ("on", "off"):
+        parts.append(f"pti={cfg.pti}")
+    if cfg.append:
+        parts.append(cfg.append)
+    return " ".join(parts)
+
+
+def _set_pdeathsig() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def sweep_stale_ram_files(shm_dir: Path = SHM_DIR) -> list[Path]:
+    """Delete RAM files whose owner died without cleaning up (its flock is gone)."""
+    removed = []
+    for f in shm_dir.glob(SHM_PREFIX + "*"):
+        try:
+            fd = os.open(f, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # alive
+        finally:
+            pass
+        try:
+            f.unlink()
+            removed.append(f)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
+_live: set[Machine] = set()
+_live_lock = threading.Lock()
+
+
+def _stop_all() -> None:
+    with _live_lock:
+        machines = list(_live)
+    for m in machines:
+        m.stop()
+
+
+atexit.register(_stop_all)
+
+
+class Machine:
+    """One guest. Use as a context manager: `with Machine(cfg) as m: m.run("uname -a")`."""
+
+    def __init__(self, cfg: MachineConfig, run_dir: Path | None = None) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir or paths.new_run_dir("guest")
+        self.console_log = self.run_dir / "console.log"
+        self.qemu_log = self.run_dir / "qemu.log"
+        self.qmp_socket = self.run_dir / "qmp.sock"  # for people and other tools
+        self.ram_path = SHM_DIR / f"{SHM_PREFIX}{os.getpid()}-{self.run_dir.name[-6:]}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.qmp: QMP | None = None
+        self.keys: SshKeys | None = None
+        self.ssh_port: int | None = None
+        self._ssh: SshChannel | None = None
+        self._ram_fd: int | None = None
+        self._panicked: str | None = None
+        self._stopped = False
+        self.kernel_info: KernelInfo | None = None
+        self.timings: dict[str, float] = {}
+        self.ready_line: str | None = None
+
+    # ----- lifecycle -------------------------------------------------------------------------
+
+    def __enter__(self) -> Machine:
+        try:
+            self.start()
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _fail(self, exc_type: type[TestbedError], msg: str) -> TestbedError:
+        return exc_type(msg, run_dir=self.run_dir)
+
+    def start(self) -> None:
+        t0 = time.monotonic()
+        self.kernel_info = inspect_kernel(self.cfg.kernel)
+        if not self.cfg.initrd.is_file():
+            raise self._fail(TestbedError, f"initrd {self.cfg.initrd} does not exist")
+        sweep_stale_ram_files()
+        overlay = []
+        if self.cfg.ssh:
+            self.keys = make_keys(self.run_dir / "ssh")
+            overlay += list(self.keys.overlay)
+        initrd = with_overlay(self.cfg.initrd, overlay, self.run_dir / "initrd.cpio")
+        # The RAM file: created and locked by us before QEMU opens it.
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        self._ram_fd = os.open(self.ram_path, flags, 0o600)
+        fcntl.flock(self._ram_fd, fcntl.LOCK_EX)
+        with _live_lock:
+            _live.add(self)
+        for attempt in range(3):
+            self.ssh_port = free_port() if self.cfg.ssh else None
+            if self._launch(initrd):
+                break
+            if attempt == 2:
+                raise self._fail(QemuCrash, "QEMU could not bind a free SSH port after 3 tries")
+        self.timings["launch"] = time.monotonic() - t0
+        self._write_meta()
+
+    def qemu_args(self, initrd: Path, qmp_fd: int) -> list[str]:
+        c = self.cfg
+        args = [
+            QEMU, "-name", f"testbed-{self.run_dir.name}",
+            "-accel", c.accel.accel, "-cpu", c.accel.cpu,
+            "-machine", "pc,memory-backend=mem",
+            "-object",
+            f"memory-backend-file,id=mem,size={c.mem_mib}M,mem-path={self.ram_path},share=on",
+            "-m", f"{c.mem_mib}M",
+            "-smp", f"{c.smp},sockets={c.smp},cores=1,threads=1",
+            "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
+            "-kernel", str(c.kernel), "-initrd", str(initrd), "-append", kernel_cmdline(c),
+            "-chardev", f"file,id=con,path={self.console_log}", "-serial", "chardev:con",
+            "-chardev", f"socket,id=qmp0,fd={qmp_fd}", "-mon", "chardev=qmp0,mode=control",
+            "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
+            "-device", "pvpanic",
+            "-action", "panic=pause,reboot=shutdown",
+        ]
+        if self.ssh_port is not None:
+            args += [
+                "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
+                "-device", "virtio-net-pci,netdev=n0,romfile=",
+            ]
+        return args + c.extra_args
+
+    def _launch(self, initrd: Path) -> bool:
+        """Start QEMU and connect QMP; False when the SSH port was taken meanwhile."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        args = self.qemu_args(initrd, theirs.fileno())
+        (self.run_dir / "qemu-cmdline.txt").write_text(" ".join(args) + "\n")
+        with open(self.qemu_log, "ab") as log:
+            self.proc = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                pass_fds=[theirs.fileno()], start_new_session=True, preexec_fn=_set_pdeathsig,
+            )
+        theirs.close()
+        self.qmp = QMP(f"testbed-{self.run_dir.name}")
+        self.qmp.on_event(self._on_event)
+        try:
+            self.qmp.connect(ours, timeout=30)
+        except Exception as exc:
+            self.qmp.close()
+            self.qmp = None
+            code = self.proc.wait(timeout=10) if self.proc.poll() is None else self.proc.returncode
+            log_text = self.qemu_log.read_text(errors="replace")
+            if "Could not set up host forwarding rule" in log_text and self.ssh_port:
+                self.qemu_log.write_text("")
+                return False
+            last = console.tail(log_text, 1) or f"exit status {code}"
+            raise self._fail(QemuCrash, f"QEMU failed to start: {last}") from exc
+        return True
+
+    def _on_event(self, ev: dict[str, Any]) -> None:
+        if ev.get("event") == "GUEST_PANICKED":
+            self._panicked = "pvpanic reported a guest panic"
+
+    # ----- health ----------------------------------------------------------------------------
+
+    def console_text(self) -> str:
+        try:
+            return self.console_log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def check_alive(self) -> None:
+        """Raise GuestPanic / QemuCrash if the guest panicked or QEMU is gone."""
+        state = console.scan(self.console_text(), READY_MARKER)
+        if state.panic or self._panicked:
+            why = state.panic or self._panicked
+            raise self._fail(GuestPanic, f"guest kernel panic: {why}")
+        if self.proc is not None and self.proc.poll() is not None:
+            code = self.proc.returncode
+            last = console.tail(self.qemu_log.read_text(errors="replace"), 1)
+            detail = f": {last}" if last else ""
+            raise self._fail(QemuCrash, f"QEMU exited unexpectedly with status {code}{detail}")
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait for the guest's ready line (and SSH), failing on panic, crash or timeout."""
+        timeout = self.cfg.boot_timeout if timeout is None else timeout
+        t0 = time.monotonic()
+        deadline = t0 + timeout
+        while self.cfg.ready_marker:
+            self.check_alive()
+            state = console.scan(self.console_text(), READY_MARKER)
+            if state.ready:
+                self.ready_line = state.ready
+                break
+            if time.monotonic() > deadline:
+                last = console.tail(self.console_text(), 1) or "(no console output)"
+                raise self._fail(
+                    GuestTimeout,
+                    f"guest not ready after {timeout:g} s (hang?); last console line: {last}",
+                )
+            time.sleep(0.05)
+        self.timings["boot"] = time.monotonic() - t0
+        if self.cfg.ssh:
+            assert self.keys is not None and self.ssh_port is not None
+            self._ssh = SshChannel(self.keys, self.ssh_port)
+            self._ssh.connect(max(5.0, deadline - time.monotonic()), alive=self.check_alive)
+            self.timings["ssh"] = time.monotonic() - t0 - self.timings["boot"]
+        self._write_meta()
+
+    # ----- use -------------------------------------------------------------------------------
+
+    def run(
+        self,
+        command: str,
+        *,
+        timeout: float | None = None,
+        stdout: BinaryIO | None = None,
+        stderr: BinaryIO | None = None,
+        label: str | None = None,
+    ) -> CommandResult:
+        """Run a shell command in the guest over SSH."""
+        if self._ssh is None:
+            raise GuestError("the guest has no SSH channel (started with ssh=False?)")
+        try:
+            return self._ssh.run(
+                command, timeout=timeout, stdout=stdout, stderr=stderr,
+                alive=self.check_alive, label=label,
+            )
+        except GuestError as exc:
+            if exc.run_dir is None:
+                exc.run_dir = self.run_dir
+            # a command that dies with the guest: report the guest's death, not the symptom
+            self.check_alive()
+            raise
+
+    def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        if self.qmp is None:
+            raise GuestError("QMP is not connected")
+        return self.qmp.execute(cmd, args)
+
+    # ----- teardown --------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._ssh is not None:
+            self._ssh.close()
+        if self.proc is not None and self.proc.poll() is None and self.qmp is not None:
+            try:
+                self.qmp.execute("quit", timeout=3)
+            except Exception:  # noqa: BLE001 - QEMU may be wedged; we kill it next
+                pass
+        if self.qmp is not None:
+            self.qmp.close()
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(timeout=10)
+            self.timings["qemu_exit_status"] = float(self.proc.returncode)
+        try:
+            self.ram_path.unlink()
+        except FileNotFoundError:
+            pass
+        if self._ram_fd is not None:
+            os.close(self._ram_fd)
+            self._ram_fd = None
+        try:
+            (self.run_dir / "initrd.cpio").unlink()  # an input rebuilt from cache + overlay
+        except FileNotFoundError:
+            pass
+        with _live_lock:
+            _live.discard(self)
+        self._write_meta()
+
+    def _write_meta(self) -> None:
+        meta = {
+            "kernel": str(self.cfg.kernel),
+            "kernel_version": self.kernel_info.version if self.kernel_info else None,
+            "initrd": str(self.cfg.initrd),
+            "accel": asdict(self.cfg.accel),
+            "cmdline": kernel_cmdline(self.cfg),
+            "smp": self.cfg.smp,
+            "mem_mib": self.cfg.mem_mib,
+            "paging": self.cfg.paging,
+            "qemu_pid": self.proc.pid if self.proc else None,
+            "ram_file": str(self.ram_path),
+            "qmp_socket": str(self.qmp_socket),
+            "ssh_port": self.ssh_port,
+            "ssh_key": str(self.keys.client_key) if self.keys else None,
+            "ready_line": self.ready_line,
+            "timings": self.timings,
+            "stopped": self._stopped,
+        }
+        (self.run_dir / "machine.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def resolve_accel(want: str, paging: int, kernel: Path, initrd: Path) -> Accel:
+    return choose_accel(want, paging, boot_check=(kernel, initrd))

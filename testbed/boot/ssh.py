@@ -1,0 +1,187 @@
+"""The SSH command channel: per-run keys, and commands run with paramiko.
+
+Both key pairs are made fresh for every run: the guest's host key (by
+dropbearkey, in dropbear's format, put in the per-run initramfs overlay) and
+the client key (by paramiko, authorised in the guest). The client pins the
+host key, so nothing is trusted on first use.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import paramiko
+
+from testbed.build.cpio import Entry
+from testbed.errors import GuestError, GuestTimeout, TestbedError
+
+GUEST_HOST_KEY = "etc/dropbear/dropbear_ecdsa_host_key"
+
+
+@dataclass(frozen=True)
+class SshKeys:
+    folder: Path
+    client_key: Path  # OpenSSH/PEM private key, usable with `ssh -i`
+    known_hosts: Path
+    host_public: str  # "ecdsa-sha2-nistp256 AAAA..."
+    overlay: tuple[Entry, ...]  # files for the guest: host key, authorized_keys
+
+
+def make_keys(folder: Path) -> SshKeys:
+    folder.mkdir(parents=True, exist_ok=True)
+    host_key = folder / "guest_host_key.dropbear"
+    try:
+        subprocess.run(
+            ["dropbearkey", "-t", "ecdsa", "-s", "256", "-f", str(host_key)],
+            capture_output=True, check=True,
+        )
+        pub = subprocess.run(
+            ["dropbearkey", "-y", "-f", str(host_key)], capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise TestbedError(f"dropbearkey failed ({exc}): run `testbed setup`") from exc
+    host_public = next(ln for ln in pub.splitlines() if ln.startswith("ecdsa-"))
+    host_public = " ".join(host_public.split()[:2])
+    client = paramiko.ECDSAKey.generate(bits=256)
+    client_key = folder / "id_ecdsa"
+    client.write_private_key_file(str(client_key))
+    client_key.chmod(0o600)
+    authorized = f"{client.get_name()} {client.get_base64()} testbed\n"
+    (folder / "id_ecdsa.pub").write_text(authorized)
+    known_hosts = folder / "known_hosts"
+    overlay = (
+        Entry.file(GUEST_HOST_KEY, host_key.read_bytes(), 0o600),
+        Entry.file("root/.ssh/authorized_keys", authorized.encode(), 0o600),
+    )
+    return SshKeys(folder, client_key, known_hosts, host_public, overlay)
+
+
+def write_known_hosts(keys: SshKeys, port: int) -> None:
+    keys.known_hosts.write_text(f"[127.0.0.1]:{port} {keys.host_public}\n")
+
+
+@dataclass
+class CommandResult:
+    status: int
+    stdout: bytes
+    stderr: bytes
+    seconds: float
+
+
+class SshChannel:
+    """An SSH session to the guest, with the host key pinned."""
+
+    def __init__(self, keys: SshKeys, port: int) -> None:
+        self.keys = keys
+        self.port = port
+        self.client: paramiko.SSHClient | None = None
+
+    def connect(self, timeout: float, alive: Callable[[], None] = lambda: None) -> None:
+        """Connect, retrying until `timeout`; `alive` raises if the guest died meanwhile."""
+        write_known_hosts(self.keys, self.port)
+        pkey = paramiko.ECDSAKey.from_private_key_file(str(self.keys.client_key))
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            alive()
+            client = paramiko.SSHClient()
+            client.load_host_keys(str(self.keys.known_hosts))
+            client.set_missing_host_key_policy(paramiko.RejectPolicy())
+            try:
+                client.connect(
+                    "127.0.0.1", port=self.port, username="root", pkey=pkey,
+                    timeout=5, banner_timeout=10, auth_timeout=10,
+                    allow_agent=False, look_for_keys=False,
+                )
+                self.client = client
+                return
+            except paramiko.BadHostKeyException as exc:
+                client.close()
+                msg = f"guest SSH host key does not match this run's key: {exc}"
+                raise GuestError(msg) from exc
+            except (OSError, paramiko.SSHException, EOFError) as exc:
+                client.close()
+                last = exc
+                time.sleep(0.2)
+        raise GuestTimeout(f"guest SSH server on 127.0.0.1:{self.port} not reachable: {last}")
+
+    def run(
+        self,
+        command: str,
+        *,
+        timeout: float | None = None,
+        stdout: BinaryIO | None = None,
+        stderr: BinaryIO | None = None,
+        alive: Callable[[], None] = lambda: None,
+        label: str | None = None,
+    ) -> CommandResult:
+        """Run `command` (a shell string) in the guest; stream output if streams are given.
+
+        `label` names the command in errors (default: the command itself).
+        """
+        if self.client is None:
+            raise GuestError("SSH channel used before connect()")
+        transport = self.client.get_transport()
+        if transport is None:
+            raise GuestError("SSH connection to the guest is closed")
+        start = time.monotonic()
+        chan = transport.open_session()
+        chan.exec_command(command)
+        out, err = io.BytesIO(), io.BytesIO()
+        while True:
+            busy = False
+            while chan.recv_ready():
+                data = chan.recv(65536)
+                out.write(data)
+                if stdout:
+                    stdout.write(data)
+                    stdout.flush()
+                busy = True
+            while chan.recv_stderr_ready():
+                data = chan.recv_stderr(65536)
+                err.write(data)
+                if stderr:
+                    stderr.write(data)
+                    stderr.flush()
+                busy = True
+            if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
+                break
+            if timeout is not None and time.monotonic() - start > timeout:
+                chan.close()
+                what = label or command
+                raise GuestTimeout(f"guest command did not finish within {timeout:g} s: {what}")
+            alive()
+            if transport.is_active() is False:
+                raise GuestError(f"SSH connection dropped while running: {label or command}")
+            if not busy:
+                time.sleep(0.01)
+        status = chan.recv_exit_status()
+        chan.close()
+        return CommandResult(status, out.getvalue(), err.getvalue(), time.monotonic() - start)
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (QEMU binds it next; callers retry on a race)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ssh_command_line(keys: SshKeys, port: int) -> str:
+    return (
+        f"ssh -p {port} -i {keys.client_key} -o UserKnownHostsFile={keys.known_hosts} "
+        f"-o IdentitiesOnly=yes root@127.0.0.1"
+    )
+
