@@ -1,0 +1,289 @@
+"""Per-vCPU state of a live QEMU: control registers from HMP, PKRU from a migration stream.
+
+Two sources, because QEMU 7.2 shows PKRU in neither ``info registers`` nor the
+gdbstub (QEMU-FACTS.md):
+
+* ``parse_info_registers`` is a pure parser for the HMP ``info registers``
+  text (CR0, CR2, CR3, CR4, EFER, CPL, RIP and every other ``NAME=hex``
+  pair); ``read_registers``/``read_all_registers`` fetch it per vCPU with
+  QMP ``human-monitor-command`` and ``cpu-index``.
+* ``take_migration_stream`` migrates the VM into a memfd (capability
+  ``x-ignore-shared``, so RAM on a shared backend is not copied) and
+  ``snapshot_cpus`` parses it with :mod:`testbed.snapshot.migstream`.
+
+The snapshot leaves the VM in the run state it found: a running VM is
+stopped for the migration and continued afterwards; a paused VM stays
+stopped (QEMU then reports ``postmigrate`` instead of ``paused``; both mean
+the vCPUs do not run, and ``cont`` resumes either).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from testbed.errors import TestbedError
+from testbed.snapshot.migstream import VcpuState, parse_migration_stream
+
+if TYPE_CHECKING:
+    from qemu.qmp import QMPClient
+
+CR4_PKE = 1 << 22
+CR4_LA57 = 1 << 12
+CR4_PCIDE = 1 << 17
+CR0_PG = 1 << 31
+EFER_LMA = 1 << 10
+
+
+# ---------------------------------------------------------------------------
+# HMP ``info registers``
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HmpRegisters:
+    """The registers of one vCPU as HMP ``info registers`` prints them."""
+
+    cpu_index: int | None
+    rip: int
+    cr0: int
+    cr2: int
+    cr3: int
+    cr4: int
+    efer: int
+    cpl: int
+    halted: bool | None
+    regs: Mapping[str, int] = field(repr=False)
+    """Every ``NAME=hex`` pair of the text (segment registers: the selector)."""
+
+    @property
+    def la57(self) -> bool:
+        return bool(self.cr4 & CR4_LA57)
+
+    @property
+    def pke(self) -> bool:
+        return bool(self.cr4 & CR4_PKE)
+
+    @property
+    def paging_levels(self) -> int:
+        return 5 if self.la57 else 4
+
+    @property
+    def pgd_phys(self) -> int:
+        """CR3 without the PCID/flag bits (the physical address of the root table)."""
+        return self.cr3 & 0x000F_FFFF_FFFF_F000
+
+
+_PAIR_RE = re.compile(r"\b([A-Z][A-Z0-9]*)\s*=\s*([0-9a-fA-F]+)\b")
+_CS_DPL_RE = re.compile(r"^CS\s*=.*?\bDPL=(\d)", re.MULTILINE)
+
+
+def parse_info_registers(text: str, cpu_index: int | None = None) -> HmpRegisters:
+    """Parse the text of HMP ``info registers`` for one x86 vCPU.
+
+    CPL comes from the ``CPL=`` field of the RIP line, or else from the DPL of
+    CS. Raises TestbedError when a needed register is missing.
+    """
+    regs: dict[str, int] = {}
+    for m in _PAIR_RE.finditer(text):
+        name = m.group(1)
+        if name not in regs:  # first occurrence wins (the general registers come first)
+            regs[name] = int(m.group(2), 16)
+    if "RIP" not in regs and "EIP" in regs:
+        regs["RIP"] = regs["EIP"]
+    cpl: int | None = regs.get("CPL")
+    if cpl is None:
+        m2 = _CS_DPL_RE.search(text)
+        if m2:
+            cpl = int(m2.group(1))
+    missing = [n for n in ("RIP", "CR0", "CR2", "CR3", "CR4", "EFER") if n not in regs]
+    if missing or cpl is None:
+        what = ", ".join(missing + ([] if cpl is not None else ["CPL"]))
+        first = text.strip().splitlines()[0][:60] if text.strip() else "<empty>"
+        raise TestbedError(
+            f"HMP 'info registers' output lacks {what} (cpu-index {cpu_index}); "
+            f"first line: {first!r}"
+        )
+    halted = bool(regs["HLT"]) if "HLT" in regs else None
+    return HmpRegisters(
+        cpu_index=cpu_index,
+        rip=regs["RIP"],
+        cr0=regs["CR0"],
+        cr2=regs["CR2"],
+        cr3=regs["CR3"],
+        cr4=regs["CR4"],
+        efer=regs["EFER"],
+        cpl=cpl,
+        halted=halted,
+        regs=regs,
+    )
+
+
+async def cpu_indexes(qmp: QMPClient) -> list[int]:
+    """The cpu-index of every vCPU (QMP ``query-cpus-fast``)."""
+    cpus = await _qmp(qmp, "query-cpus-fast")
+    assert isinstance(cpus, list)
+    return sorted(int(c["cpu-index"]) for c in cpus)
+
+
+async def read_registers(qmp: QMPClient, cpu_index: int) -> HmpRegisters:
+    """HMP ``info registers`` of one vCPU, parsed."""
+    text = await _qmp(
+        qmp, "human-monitor-command", {"command-line": "info registers", "cpu-index": cpu_index}
+    )
+    if not isinstance(text, str):
+        raise TestbedError(f"human-monitor-command returned {type(text).__name__}, not text")
+    return parse_info_registers(text, cpu_index)
+
+
+async def read_all_registers(qmp: QMPClient) -> list[HmpRegisters]:
+    """HMP ``info registers`` of every vCPU, in cpu-index order."""
+    return [await read_registers(qmp, i) for i in await cpu_indexes(qmp)]
+
+
+# ---------------------------------------------------------------------------
+# Migration-stream snapshot
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MigrationCapture:
+    """The raw stream and how it was taken."""
+
+    stream: bytes
+    seconds: float
+    """Wall time from stopping the VM to the completed migration (VM not running)."""
+    total_seconds: float
+    """Wall time of the whole call, QMP round trips and restoring the run state included."""
+    status_before: str
+    status_after: str
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    vcpus: tuple[VcpuState, ...]
+    capture: MigrationCapture
+
+    def vcpu(self, index: int) -> VcpuState:
+        for v in self.vcpus:
+            if v.index == index:
+                return v
+        have = [v.index for v in self.vcpus]
+        raise TestbedError(f"no vCPU {index} in the snapshot (have {have})")
+
+
+_fd_names = itertools.count()
+
+
+async def _status(qmp: QMPClient) -> str:
+    st = await _qmp(qmp, "query-status")
+    assert isinstance(st, dict)
+    return str(st["status"])
+
+
+async def _qmp(qmp: QMPClient, cmd: str, args: dict[str, object] | None = None) -> object:
+    """Run a QMP command; QMP errors become one-line TestbedErrors."""
+    from qemu.qmp import ExecuteError
+
+    try:
+        return await qmp.execute(cmd, args)
+    except ExecuteError as e:
+        raise TestbedError(f"QMP {cmd} failed: {e}") from e
+
+
+async def take_migration_stream(
+    qmp: QMPClient,
+    *,
+    timeout: float = 30.0,
+    poll_interval: float = 0.0005,
+    resume_postmigrate: bool = False,
+) -> MigrationCapture:
+    """Migrate the VM into a memfd and return the stream; restore the run state.
+
+    Sets capability ``x-ignore-shared`` first, so guest RAM on a shared
+    memory backend is not written into the stream. A running VM is stopped
+    and continued; a paused VM stays stopped (it ends in ``postmigrate``).
+
+    QEMU 7.2 refuses to migrate a VM in ``postmigrate`` ("Can't migrate the
+    vm that was paused due to previous migration"), i.e. a second snapshot
+    of a VM that stayed paused after the first. That raises TestbedError,
+    unless ``resume_postmigrate``: then the VM is continued and stopped
+    again first (the guest runs for the few QMP round trips in between).
+    """
+    t_start = time.perf_counter()
+    before = await _status(qmp)
+    if before == "postmigrate":
+        if not resume_postmigrate:
+            raise TestbedError(
+                "VM is in 'postmigrate' after an earlier snapshot while paused; QEMU 7.2 "
+                "refuses another migration until 'cont' (or pass resume_postmigrate=True)"
+            )
+        await _qmp(qmp, "cont")
+        await _qmp(qmp, "stop")
+    was_running = before == "running"
+    await _qmp(
+        qmp,
+        "migrate-set-capabilities",
+        {"capabilities": [{"capability": "x-ignore-shared", "state": True}]},
+    )
+    fd = os.memfd_create("testbed-migstream", os.MFD_CLOEXEC)
+    name = f"testbed-snap-{os.getpid()}-{next(_fd_names)}"
+    stopped = False
+    try:
+        if was_running:
+            await _qmp(qmp, "stop")
+            stopped = True
+        t_stop = time.perf_counter()
+        qmp.send_fd_scm(fd)
+        await _qmp(qmp, "getfd", {"fdname": name})
+        await _qmp(qmp, "migrate", {"uri": f"fd:{name}"})
+        deadline = time.monotonic() + timeout
+        while True:
+            info = await _qmp(qmp, "query-migrate")
+            assert isinstance(info, dict)
+            state = info.get("status")
+            if state == "completed":
+                break
+            if state in ("failed", "cancelled"):
+                raise TestbedError(
+                    f"snapshot migration {state} (status before: {before}): "
+                    f"{info.get('error-desc', 'no error-desc')}"
+                )
+            if time.monotonic() > deadline:
+                await _qmp(qmp, "migrate_cancel")
+                raise TestbedError(
+                    f"snapshot migration still {state!r} after {timeout:g} s; cancelled"
+                )
+            await asyncio.sleep(poll_interval)
+        t_done = time.perf_counter()
+        os.lseek(fd, 0, os.SEEK_SET)
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        stream = b"".join(chunks)
+    finally:
+        os.close(fd)
+        if stopped:
+            await _qmp(qmp, "cont")
+    after = await _status(qmp)
+    return MigrationCapture(
+        stream=stream,
+        seconds=t_done - t_stop,
+        total_seconds=time.perf_counter() - t_start,
+        status_before=before,
+        status_after=after,
+    )
+
+
+async def snapshot_cpus(
+    qmp: QMPClient, *, timeout: float = 30.0, resume_postmigrate: bool = False
+) -> CpuSnapshot:
+    """Per-vCPU state (PKRU, CR0/CR3/CR4/EFER, CPL, ...) from a migration-stream snapshot."""
+    cap = await take_migration_stream(qmp, timeout=timeout, resume_postmigrate=resume_postmigrate)
+    return CpuSnapshot(vcpus=tuple(parse_migration_stream(cap.stream).vcpus), capture=cap)
