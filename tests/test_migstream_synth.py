@@ -58,9 +58,7 @@ def cpu_body(cpu: dict[str, int], pkru: int | None) -> bytes:
     return out
 
 
-def build_stream(
-    cpus: list[tuple[dict[str, int], int | None]], *, footers: bool = True
-) -> bytes:
+def build_stream(cpus: list[tuple[dict[str, int], int | None]], *, footers: bool = True) -> bytes:
     """A stream with configuration, an iterative RAM section and one 'cpu' section per
     entry of ``cpus`` ((registers, pkru or None for no subsection))."""
     page = 4096
@@ -184,14 +182,20 @@ def test_corrupt_streams() -> None:
         # a section whose name the description does not know
         "unknown device": (_corrupt(good, b"\x03cpu", b"\x03cpx"), "not in the VMDESCRIPTION"),
         # section type byte of the first cpu section
-        "section type": (_corrupt(good, b"\x04\x00\x00\x00\x03", b"\x09\x00\x00\x00\x03"),
-                         "unknown section type 0x09"),  # fmt: skip
+        "section type": (
+            _corrupt(good, b"\x04\x00\x00\x00\x03", b"\x09\x00\x00\x00\x03"),
+            "unknown section type 0x09",
+        ),  # fmt: skip
         # RAM header with an unknown flag
-        "ram flags": (_corrupt(good, b"\x00\x00\x00\x00\x00\x00\x00\x10", b"\0" * 7 + b"\x11"),
-                      "unknown RAM flags"),  # fmt: skip
+        "ram flags": (
+            _corrupt(good, b"\x00\x00\x00\x00\x00\x00\x00\x10", b"\0" * 7 + b"\x11"),
+            "unknown RAM flags",
+        ),  # fmt: skip
         # XBZRLE page
-        "xbzrle": (_corrupt(good, b"\x00\x00\x00\x00\x00\x00\x00\x08", b"\0" * 7 + b"\x40"),
-                   "XBZRLE"),  # fmt: skip
+        "xbzrle": (
+            _corrupt(good, b"\x00\x00\x00\x00\x00\x00\x00\x08", b"\0" * 7 + b"\x40"),
+            "XBZRLE",
+        ),  # fmt: skip
         # JSON damaged
         "json": (good[:-3] + b"}}}", "JSON"),
         # description removed entirely

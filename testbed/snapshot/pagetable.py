@@ -444,8 +444,28 @@ class PageTableWalker:
     def _root(self, root: int) -> int:
         return root & self._table_mask
 
-    def read_table(self, phys: int, *, via: str = "root") -> tuple[int, ...]:
-        """The 512 raw entries of the table at ``phys``; ``via`` names who pointed here."""
+    def read_table(
+        self, phys: int, *, via: str | Entry | None = None, root: int | None = None
+    ) -> tuple[int, ...]:
+        """The 512 raw entries of the table at ``phys``.
+
+        ``via`` (the entry that pointed here, or text) and ``root`` only name
+        the table in error messages.
+        """
+        if phys & 0xFFF or (self.ram_size is not None and phys + PAGE_SIZE > self.ram_size):
+            pass
+        else:
+            try:
+                data = self.read(phys, PAGE_SIZE)
+            except (TestbedError, OSError, ValueError, IndexError):
+                data = b""
+            if len(data) == PAGE_SIZE:
+                return _TABLE_FMT.unpack(data)
+        # slow path: work out the error with a message naming the entry
+        if isinstance(via, Entry):
+            via = via.describe(self.levels)
+        elif via is None:
+            via = f"root 0x{phys if root is None else root:x}"
         if phys & 0xFFF:
             raise MalformedEntry(f"table address 0x{phys:x} is not page aligned ({via})")
         if self.ram_size is not None and phys + PAGE_SIZE > self.ram_size:
@@ -494,8 +514,7 @@ class PageTableWalker:
         path: list[Entry] = []
         base = 0
         for level in range(self.levels, 0, -1):
-            via = f"root 0x{table:x}" if not path else path[-1].describe(self.levels)
-            raws = self.read_table(table, via=via)
+            raws = self.read_table(table, via=path[-1] if path else None, root=table)
             idx = (va >> LEVEL_SHIFT[level]) & 0x1FF
             base += idx * LEVEL_SPAN[level]
             e = self._decode(raws[idx], level, idx, table, canonical(base, self.levels))
@@ -534,8 +553,7 @@ class PageTableWalker:
                     f"more than {self.max_tables} page tables under root 0x{root:x} "
                     f"(at table 0x{phys:x}); malformed tables or raise max_tables"
                 )
-            via = f"root 0x{root:x}" if parent is None else parent.describe(self.levels)
-            raws = self.read_table(phys, via=via)
+            raws = self.read_table(phys, via=parent, root=root)
             yield parent, phys, level, base, raws
             if level == 1:
                 continue
@@ -627,7 +645,10 @@ class PageTableWalker:
         # effective (write, user, nx) of the path down to each table of this walk
         eff: dict[int, tuple[bool, bool, bool]] = {}
         user_end = user_va_end(self.levels)
-        leaves: list[tuple[int, Entry, tuple[object, ...], bool, bool, bool]] = []
+        pmask = (1 << self.maxphyaddr) - 1
+        # leaf records on raw bits only (decoding every leaf into an Entry is slow):
+        # (va, size, merge key, phys, level, index, table, raw)
+        leaves: list[tuple[int, int, tuple[int, ...], int, int, int, int, int]] = []
         for parent, phys, level, base, raws in self._walk(root, user_only=True):
             if parent is None:
                 w, u, x = True, True, False
@@ -637,58 +658,77 @@ class PageTableWalker:
             eff[phys] = (w, u, x)
             if level == self.levels:
                 continue  # root entries (level 4/5) are never leaves
+            span = LEVEL_SPAN[level]
+            huge_mask = pmask & ~(span - 1)
             for idx, raw in enumerate(raws):
-                if raw == 0:
+                if not raw:
                     continue
-                present = raw & P_PRESENT
-                if present and level > 1 and not raw & P_PSE:
-                    continue  # a lower table, walked on its own
-                if not present and not include_nonpresent:
+                if raw & P_PRESENT:
+                    if level > 1 and not raw & P_PSE:
+                        continue  # a lower table, walked on its own
+                    kind = 0
+                    addr = raw & (huge_mask if level > 1 else self._table_mask)
+                elif not include_nonpresent:
                     continue
-                vstart = base + idx * LEVEL_SPAN[level]
+                elif raw & P_PROTNONE:
+                    kind = 1
+                    if level > 1 and raw & P_PSE:
+                        addr = ~raw & huge_mask
+                    else:
+                        addr = ~raw & self._table_mask
+                else:
+                    kind, addr = 2, 0
+                vstart = base + idx * span
                 if vstart >= user_end:
                     continue
-                e = self._decode(raw, level, idx, phys, vstart)
-                ew, eu, ex = w and e.write, u and e.user, x or e.nx
-                key: tuple[object, ...] = (e.kind, ew, eu, ex, e.pkey)
-                key += (e.pwt, e.pcd, e.pat, e.global_)
-                leaves.append((vstart, e, key, ew, eu, ex))
+                pat = raw & P_PSE if level == 1 else raw & P_PAT_LARGE if raw & P_PSE else 0
+                key: tuple[int, ...] = (
+                    kind,
+                    w and bool(raw & P_RW),
+                    u and bool(raw & P_USER),
+                    x or bool(raw & P_NX),
+                    raw & (PKEY_MASK | P_PWT | P_PCD | P_GLOBAL) | bool(pat),
+                )
+                leaves.append((vstart, span, key, addr, level, idx, phys, raw))
         leaves.sort(key=lambda t: t[0])
 
+        kinds = (EntryKind.LEAF, EntryKind.PROTNONE, EntryKind.SWAP)
         out: list[MappingRange] = []
         i = 0
-        while i < len(leaves):
-            vstart, e, key, ew, eu, ex = leaves[i]
-            end = vstart + e.page_size
-            sizes = {e.page_size}
-            contiguous = e.kind is not EntryKind.SWAP
+        n = len(leaves)
+        while i < n:
+            vstart, size, key, addr, level, idx, table, raw = leaves[i]
+            end = vstart + size
+            sizes = {size}
+            contiguous = key[0] != 2
             j = i + 1
-            while j < len(leaves) and leaves[j][0] == end and leaves[j][2] == key:
-                nxt = leaves[j][1]
-                if nxt.kind is EntryKind.SWAP or nxt.addr != e.addr + (end - vstart):
+            while j < n and leaves[j][0] == end and leaves[j][2] == key:
+                nsize, naddr = leaves[j][1], leaves[j][3]
+                if key[0] == 2 or naddr != addr + (end - vstart):
                     contiguous = False
-                sizes.add(nxt.page_size)
-                end += nxt.page_size
+                sizes.add(nsize)
+                end += nsize
                 j += 1
+            first = self._decode(raw, level, idx, table, vstart)
             out.append(
                 MappingRange(
                     start=vstart,
                     end=end,
-                    kind=e.kind,
-                    write=ew,
-                    user=eu,
-                    nx=ex,
-                    pkey=e.pkey,
-                    pwt=e.pwt,
-                    pcd=e.pcd,
-                    pat=e.pat,
-                    global_=e.global_,
+                    kind=kinds[key[0]],
+                    write=bool(key[1]),
+                    user=bool(key[2]),
+                    nx=bool(key[3]),
+                    pkey=first.pkey,
+                    pwt=first.pwt,
+                    pcd=first.pcd,
+                    pat=first.pat,
+                    global_=first.global_,
                     pages=j - i,
                     page_sizes=frozenset(sizes),
-                    phys_start=e.addr,
+                    phys_start=addr,
                     phys_contiguous=contiguous,
-                    first=e,
-                )  # fmt: skip
+                    first=first,
+                )
             )
             i = j
         return out
