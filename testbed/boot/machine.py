@@ -291,10 +291,19 @@ class Machine:
         if self._ssh is None:
             raise GuestError("the guest has no SSH channel (started with ssh=False?)")
         try:
-            return self._ssh.run(
+            res = self._ssh.run(
                 command, timeout=timeout, stdout=stdout, stderr=stderr,
                 alive=self.check_alive, label=label,
             )
+            if res.status < 0:  # the session ended without an exit status
+                deadline = time.monotonic() + 3
+                while time.monotonic() < deadline:
+                    self.check_alive()  # QEMU or the kernel died: say that
+                    time.sleep(0.1)
+                raise GuestError(
+                    f"guest command ended without an exit status: {label or command}"
+                )
+            return res
         except GuestError as exc:
             if exc.run_dir is None:
                 exc.run_dir = self.run_dir
