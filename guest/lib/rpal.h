@@ -1,0 +1,135 @@
+/*
+ * Guest-side library over the RPAL reference ABI (/proc/rpal).
+ * The constants and structs mirror include/uapi/linux/rpal.h of the
+ * kernel-patches/rpal-ref series; keep the two in step.
+ */
+#ifndef TESTBED_GUEST_RPAL_H
+#define TESTBED_GUEST_RPAL_H
+
+#include <stdint.h>
+#include <signal.h>
+#include <sys/ioctl.h>
+
+/* ---- mirror of include/uapi/linux/rpal.h ---- */
+#define RPAL_IOCTL_MAGIC	0x33
+#define RPAL_API_VERSION	1
+
+#define RPAL_SLOT_SHIFT		39
+#define RPAL_SLOT_SIZE		(1ULL << RPAL_SLOT_SHIFT)
+#define RPAL_NR_IDS		254
+#define RPAL_MAX_PEERS		15
+#define RPAL_PKEY_DEFAULT	(-1)
+
+#define RPAL_CAP_PKU		(1U << 0)
+#define RPAL_CAP_5LEVEL		(1U << 1)
+#define RPAL_CAP_PTI		(1U << 2)
+
+struct rpal_version_info {
+	uint32_t api_version;
+	uint32_t cap;
+};
+
+struct rpal_enable_arg {
+	int32_t pkey;		/* in: 0..15 or RPAL_PKEY_DEFAULT; out: pkey used */
+	uint32_t flags;		/* must be 0 */
+};
+
+#define RPAL_IOCTL_GET_API_VERSION_AND_CAP	_IOWR(RPAL_IOCTL_MAGIC, 0, uint64_t)
+#define RPAL_IOCTL_GET_SERVICE_KEY		_IOWR(RPAL_IOCTL_MAGIC, 1, uint64_t)
+#define RPAL_IOCTL_GET_SERVICE_ID		_IOWR(RPAL_IOCTL_MAGIC, 2, uint64_t)
+#define RPAL_IOCTL_REGISTER_SENDER		_IOWR(RPAL_IOCTL_MAGIC, 3, uint64_t)
+#define RPAL_IOCTL_UNREGISTER_SENDER		_IO(RPAL_IOCTL_MAGIC, 4)
+#define RPAL_IOCTL_REGISTER_RECEIVER		_IOWR(RPAL_IOCTL_MAGIC, 5, uint64_t)
+#define RPAL_IOCTL_UNREGISTER_RECEIVER		_IO(RPAL_IOCTL_MAGIC, 6)
+#define RPAL_IOCTL_ENABLE_SERVICE		_IOWR(RPAL_IOCTL_MAGIC, 7, uint64_t)
+#define RPAL_IOCTL_DISABLE_SERVICE		_IO(RPAL_IOCTL_MAGIC, 8)
+#define RPAL_IOCTL_REQUEST_SERVICE		_IOWR(RPAL_IOCTL_MAGIC, 9, uint64_t)
+#define RPAL_IOCTL_RELEASE_SERVICE		_IOWR(RPAL_IOCTL_MAGIC, 10, uint64_t)
+#define RPAL_IOCTL_GET_SERVICE_PKEY		_IOWR(RPAL_IOCTL_MAGIC, 11, uint64_t)
+#define RPAL_IOCTL_UDS_FDMAP			_IOWR(RPAL_IOCTL_MAGIC, 12, uint64_t)
+/* ---- end of mirror ---- */
+
+/* All functions return >= 0 on success and -errno on failure. */
+int rpal_open(void);
+int rpal_version(int fd, struct rpal_version_info *vi);
+int rpal_enable(int fd, int pkey);			/* returns the pkey used */
+int rpal_get_key(int fd, uint64_t *key);
+int rpal_get_id(int fd, uint64_t *id);
+int rpal_get_pkey(int fd, uint64_t *pkey);
+int rpal_request(int fd, uint64_t key);		/* 1: now mapped, 0: pending */
+int rpal_release(int fd, uint64_t key);
+int rpal_read_dead(int fd, uint64_t *keys, int max);	/* number of keys */
+int rpal_poll_dead(int fd, int timeout_ms);		/* 1 readable, 0 timeout */
+
+static inline uint64_t rpal_slot_base(uint64_t id)
+{
+	return (id + 1) << RPAL_SLOT_SHIFT;
+}
+
+static inline int rpal_slot_of(const void *p)
+{
+	return (int)((uintptr_t)p >> RPAL_SLOT_SHIFT);
+}
+
+/* The default PKRU of a service with @pkey: deny all keys but its own. */
+static inline uint32_t rpal_pkru_for(int pkey)
+{
+	return 0xFFFFFFFFu & ~(3u << (2 * pkey));
+}
+
+static inline uint32_t rdpkru(void)
+{
+	uint32_t eax, edx;
+
+	__asm__ volatile(".byte 0x0f,0x01,0xee" : "=a"(eax), "=d"(edx) : "c"(0));
+	return eax;
+}
+
+static inline void wrpkru(uint32_t pkru)
+{
+	__asm__ volatile(".byte 0x0f,0x01,0xef" : : "a"(pkru), "c"(0), "d"(0)
+			 : "memory");
+}
+
+/* ELF marker: e_ident[12..15] == "RPAL" makes a binary a service at exec. */
+int rpal_elf_is_service(const char *path);	/* 1, 0 or -errno */
+int rpal_stamp_elf(const char *path);
+
+/* ---- helpers for the workloads ---- */
+
+/* What a guarded access ran into. */
+struct rpal_fault {
+	int sig;	/* 0: no fault; SIGSEGV, SIGBUS; SIGALRM: timed out */
+	int code;	/* si_code (SEGV_MAPERR, SEGV_ACCERR, SEGV_PKUERR...) */
+	int pkey;	/* si_pkey for SEGV_PKUERR */
+	void *addr;
+};
+
+/* Read/write one u64, catching faults and a hang (timeout_ms).
+ * Return 0 if the access completed, -1 if it faulted or timed out. */
+int rpal_try_read64(const volatile uint64_t *p, uint64_t *out,
+		    int timeout_ms, struct rpal_fault *f);
+int rpal_try_write64(volatile uint64_t *p, uint64_t v,
+		     int timeout_ms, struct rpal_fault *f);
+const char *rpal_fault_str(const struct rpal_fault *f);
+const char *rpal_errname(int err);	/* "EKEYREJECTED" for -EKEYREJECTED */
+
+/* Workload plumbing: a pair of processes connected by two pipes. */
+struct rpal_link {
+	int rfd, wfd;
+	const char *role;
+	int failures;
+};
+int rpal_link_send(struct rpal_link *l, const void *buf, int len);
+int rpal_link_recv(struct rpal_link *l, void *buf, int len);
+int rpal_link_sync(struct rpal_link *l, char tag);	/* both sides call */
+void rpal_check(struct rpal_link *l, int ok, const char *check,
+		const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+/* Parent side: fork+exec "/proc/self/exe ROLE rfd wfd EXTRA..." for two roles
+ * connected to each other; waits for both; returns 0 if both exited 0. */
+int rpal_run_pair(const char *role_a, const char *role_b, int extra_argc,
+		  char **extra_argv);
+int rpal_pin_cpu(int cpu);
+int rpal_nr_cpus(void);
+
+#endif
