@@ -36,6 +36,7 @@ PACKAGES: dict[str, str] = {
     "xz-utils": "unpacking linux-source",
     "git": "applying patch series",
     "kmod": "module dependency data",
+    "python3-venv": "the project's virtual environment",
 }
 
 
@@ -95,6 +96,24 @@ def _cmd_setup(args: argparse.Namespace) -> int:
     else:
         print("all system packages present")
     return 0
+
+
+def main() -> int:
+    """Entry point for the bootstrap script, before the virtual environment exists."""
+    import sys
+
+    try:
+        installed = install()
+    except SetupError as exc:
+        print(f"testbed setup: error: {exc.one_line()}", file=sys.stderr)
+        return 1
+    print(f"testbed setup: installed {' '.join(installed)}" if installed else
+          "testbed setup: all system packages present")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
 
 
 def add_parser(sub: Any) -> None:
