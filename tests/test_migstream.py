@@ -69,6 +69,20 @@ def test_recorded_stream(variant: str) -> None:
     )  # fmt: skip
 
 
+def test_recorded_stream_all_sections() -> None:
+    stream, _ = load("la57-amd")
+    full = parse_migration_stream(stream, decode=None)
+    fast = parse_migration_stream(stream)
+    assert full.vcpus == fast.vcpus
+    names = {s.name for s in full.sections}
+    assert {"cpu", "apic", "ram", "serial", "globalstate"} <= names
+    assert all(s.fields is not None for s in full.sections if s.name != "ram")
+    assert all(s.fields is None for s in fast.sections if s.name not in ("cpu",))
+    glob = next(s for s in full.sections if s.name == "globalstate")
+    # the run state saved is the one at migration time: stopped for the snapshot
+    assert glob.fields is not None and glob.fields["runstate"].rstrip(b"\0") == b"paused"
+
+
 @pytest.mark.parametrize("cut", [0, 100, 1000, 50_000, 200_000, -5000, -1])
 def test_recorded_stream_truncated(cut: int) -> None:
     stream, _ = load("la57-amd")

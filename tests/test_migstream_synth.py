@@ -123,7 +123,11 @@ import time  # noqa: E402
 import pytest  # noqa: E402
 
 from testbed.errors import TestbedError  # noqa: E402
-from testbed.snapshot.migstream import MigrationStreamError, parse_migration_stream  # noqa: E402
+from testbed.snapshot.migstream import (  # noqa: E402
+    MigrationStreamError,
+    find_description,
+    parse_migration_stream,
+)
 
 
 @pytest.mark.parametrize("footers", [True, False])
@@ -229,3 +233,18 @@ def test_random_garbage_never_hangs() -> None:
             parse_migration_stream(bytes(d))
         except TestbedError as e:
             assert "\n" not in str(e)
+
+
+def test_skipping_sections_by_size() -> None:
+    good = build_stream([(CPU0, 0x7), (CPU1, None)])
+    m = parse_migration_stream(good, decode=())
+    assert m.vcpus == () and [s.fields for s in m.sections] == [None, None, None]
+    full = parse_migration_stream(good, decode=None)
+    assert full.vcpus == parse_migration_stream(good).vcpus
+    bad = _corrupt(good, b"\x08cpu/pkru", b"\x08cpu/pkrX")
+    with pytest.raises(MigrationStreamError, match="cpu/pkrX"):
+        parse_migration_stream(bad, decode=())
+    # the middle cut out, the EOF + description kept: the walk runs into the end
+    eof_at, _ = find_description(good)
+    with pytest.raises(MigrationStreamError, match="truncated|unknown|expected"):
+        parse_migration_stream(good[:200] + good[eof_at:], decode=())
