@@ -101,3 +101,12 @@ def test_kernel_cmdline_options():
 
 def test_guest_command_quotes_and_keeps_shell():
     assert guest_command(["sh", "-c", "exit 7"]) == "sh -c 'exit 7'\nexit $?"
+
+
+def test_checkpoint_request_parsing():
+    from testbed.boot.machine import Checkpoint, parse_checkpoint_request
+
+    assert parse_checkpoint_request(b"checkpoint one 12 13\n") == Checkpoint("one", 12, 13)
+    for bad in (b"checkpoint one 12\n", b"hello one 1 2\n", b"checkpoint a b c\n"):
+        with pytest.raises(ValueError):
+            parse_checkpoint_request(bad)

@@ -21,6 +21,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -34,6 +35,7 @@ from testbed.boot.ssh import CommandResult, SshChannel, SshKeys, free_port, make
 from testbed.build.initramfs import READY_MARKER, with_overlay
 from testbed.errors import GuestError, GuestPanic, GuestTimeout, QemuCrash, TestbedError
 
+CHECKPOINT_PORT = "org.testbed.checkpoint"  # virtio-serial port name, see guest/lib/tb_checkpoint.c
 SHM_DIR = Path(os.environ.get("TESTBED_SHM_DIR", "/dev/shm"))
 SHM_PREFIX = "testbed-ram-"
 _PR_SET_PDEATHSIG = 1
@@ -95,6 +97,23 @@ def sweep_stale_ram_files(shm_dir: Path = SHM_DIR) -> list[Path]:
     return removed
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """A guest thread asked the host to look: it waits until the handler returns."""
+
+    name: str
+    pid: int
+    tid: int
+
+
+def parse_checkpoint_request(line: bytes) -> Checkpoint:
+    """Parse "checkpoint NAME PID TID" (pure); ValueError when malformed."""
+    parts = line.decode("ascii", "replace").split()
+    if len(parts) != 4 or parts[0] != "checkpoint":
+        raise ValueError(f"malformed checkpoint request {line[:80]!r}")
+    return Checkpoint(parts[1], int(parts[2]), int(parts[3]))
+
+
 _live: set[Machine] = set()
 _live_lock = threading.Lock()
 
@@ -130,6 +149,11 @@ class Machine:
         self.kernel_info: KernelInfo | None = None
         self.timings: dict[str, float] = {}
         self.ready_line: str | None = None
+        # Called for each checkpoint, in a channel thread, while the guest thread waits;
+        # an exception is reported to the guest ("err ...") and kept in checkpoint_errors.
+        self.on_checkpoint: Callable[[Checkpoint], None] | None = None
+        self.checkpoint_log: list[dict[str, Any]] = []
+        self._ckpt_thread: threading.Thread | None = None
 
     # ----- lifecycle -------------------------------------------------------------------------
 
@@ -174,7 +198,7 @@ class Machine:
         self.timings["launch"] = time.monotonic() - t0
         self._write_meta()
 
-    def qemu_args(self, initrd: Path, qmp_fd: int) -> list[str]:
+    def qemu_args(self, initrd: Path, qmp_fd: int, ckpt_fd: int) -> list[str]:
         c = self.cfg
         args = [
             QEMU, "-name", f"testbed-{self.run_dir.name}",
@@ -190,6 +214,9 @@ class Machine:
             "-chardev", f"socket,id=qmp0,fd={qmp_fd}", "-mon", "chardev=qmp0,mode=control",
             "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
             "-device", "pvpanic",
+            "-device", "virtio-serial-pci,id=vser0",
+            "-chardev", f"socket,id=ckpt,fd={ckpt_fd}",
+            "-device", f"virtserialport,bus=vser0.0,chardev=ckpt,name={CHECKPOINT_PORT}",
             "-action", "panic=pause,reboot=shutdown",
         ]
         if self.ssh_port is not None:
@@ -202,14 +229,17 @@ class Machine:
     def _launch(self, initrd: Path) -> bool:
         """Start QEMU and connect QMP; False when the SSH port was taken meanwhile."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        args = self.qemu_args(initrd, theirs.fileno())
+        ck_ours, ck_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        args = self.qemu_args(initrd, theirs.fileno(), ck_theirs.fileno())
         (self.run_dir / "qemu-cmdline.txt").write_text(" ".join(args) + "\n")
         with open(self.qemu_log, "ab") as log:
             self.proc = subprocess.Popen(
                 args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                pass_fds=[theirs.fileno()], start_new_session=True, preexec_fn=_set_pdeathsig,
+                pass_fds=[theirs.fileno(), ck_theirs.fileno()], start_new_session=True,
+                preexec_fn=_set_pdeathsig,
             )
         theirs.close()
+        ck_theirs.close()
         self.qmp = QMP(f"testbed-{self.run_dir.name}")
         self.qmp.on_event(self._on_event)
         try:
@@ -224,7 +254,36 @@ class Machine:
                 return False
             last = console.tail(log_text, 1) or f"exit status {code}"
             raise self._fail(QemuCrash, f"QEMU failed to start: {last}") from exc
+        self._ckpt_thread = threading.Thread(
+            target=self._checkpoint_loop, args=(ck_ours,), name="checkpoints", daemon=True
+        )
+        self._ckpt_thread.start()
         return True
+
+    def _checkpoint_loop(self, sock: socket.socket) -> None:
+        """Serve checkpoint requests until QEMU closes the channel."""
+        with sock, sock.makefile("rb") as reader:
+            for line in reader:
+                t0 = time.monotonic()
+                entry: dict[str, Any] = {"line": line.decode("ascii", "replace").strip()}
+                try:
+                    ck = parse_checkpoint_request(line)
+                    entry.update(name=ck.name, pid=ck.pid, tid=ck.tid)
+                    if self.on_checkpoint is not None:
+                        self.on_checkpoint(ck)
+                    reply = f"ok {ck.name}\n"
+                except Exception as exc:  # noqa: BLE001 - reported to the guest and the log
+                    msg = exc.one_line() if isinstance(exc, TestbedError) else repr(exc)
+                    entry["error"] = msg
+                    reply = "err " + " ".join(msg.split())[:400] + "\n"
+                entry["seconds"] = round(time.monotonic() - t0, 4)
+                self.checkpoint_log.append(entry)
+                with open(self.run_dir / "checkpoints.jsonl", "a") as log:
+                    log.write(json.dumps(entry) + "\n")
+                try:
+                    sock.sendall(reply.encode())
+                except OSError:
+                    return
 
     def _on_event(self, ev: dict[str, Any]) -> None:
         if ev.get("event") == "GUEST_PANICKED":

@@ -1,0 +1,17 @@
+/*
+ * Checkpoints: a guest program stops and lets the host snapshot the guest.
+ *
+ * tb_checkpoint(name) blocks until the host has taken its snapshot named
+ * `name` (or has no snapshot to take), then returns 0; -1 with errno set when
+ * there is no checkpoint channel or the host refused (the host's reason is
+ * printed on stderr). The calling thread is asleep in read() while the host
+ * looks, so its registers, PKRU included, are saved in its task_struct.
+ */
+#ifndef TB_CHECKPOINT_H
+#define TB_CHECKPOINT_H
+
+#define TB_CHECKPOINT_PORT "org.testbed.checkpoint"
+
+int tb_checkpoint(const char *name);
+
+#endif
