@@ -37,6 +37,7 @@ PACKAGES: dict[str, str] = {
     "git": "applying patch series",
     "kmod": "module dependency data",
     "python3-venv": "the project's virtual environment",
+    "openssh-client": "ssh into a guest kept up by `testbed boot`",
 }
 
 

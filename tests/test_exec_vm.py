@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.boot.machine import SHM_DIR, SHM_PREFIX, sweep_stale_ram_files
+from testbed.boot.machine import SHM_DIR, SHM_PREFIX, connect_unix, sweep_stale_ram_files
 
 from conftest import qemu_processes_for, run_testbed
 
@@ -172,3 +172,28 @@ def test_killed_testbed_leaves_no_qemu(runs_dir: Path, sig: signal.Signals):
         assert ram.exists()
         assert ram in sweep_stale_ram_files()
         assert not ram.exists()
+
+
+def test_boot_keeps_guest_up_for_ssh_and_qmp(runs_dir: Path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "testbed", "boot"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    info: dict[str, str] = {}
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        key, _, value = line.partition(":")
+        info[key.strip()] = value.strip()
+        if line.startswith("Ctrl-C"):
+            break
+    run_dir = Path(info["run folder"])
+    assert Path(info["QMP socket"]).is_socket()
+    connect_unix(Path(info["QMP socket"])).close()
+    ssh = subprocess.run(
+        [*info["ssh"].split(), "-o", "BatchMode=yes", "cat /proc/sys/kernel/hostname"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert (ssh.returncode, ssh.stdout) == (0, "testbed\n"), ssh.stderr
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 0
+    assert_cleaned_up(run_dir)

@@ -212,7 +212,9 @@ class Machine:
             "-kernel", str(c.kernel), "-initrd", str(initrd), "-append", kernel_cmdline(c),
             "-chardev", f"file,id=con,path={self.console_log}", "-serial", "chardev:con",
             "-chardev", f"socket,id=qmp0,fd={qmp_fd}", "-mon", "chardev=qmp0,mode=control",
-            "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
+            # relative to QEMU's working directory (the run folder): a unix socket path
+            # is limited to 108 bytes, which deep run folders exceed
+            "-qmp", f"unix:{self.qmp_socket.name},server=on,wait=off",
             "-device", "pvpanic",
             "-device", "virtio-serial-pci,id=vser0",
             "-chardev", f"socket,id=ckpt,fd={ckpt_fd}",
@@ -236,6 +238,7 @@ class Machine:
             self.proc = subprocess.Popen(
                 args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 pass_fds=[theirs.fileno(), ck_theirs.fileno()], start_new_session=True,
+                cwd=self.run_dir,
                 preexec_fn=_set_pdeathsig,
             )
         theirs.close()
@@ -435,6 +438,20 @@ class Machine:
             "stopped": self._stopped,
         }
         (self.run_dir / "machine.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def connect_unix(path: Path) -> socket.socket:
+    """Connect to a unix socket however long its path (through /proc/self/fd of its folder)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dir_fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        sock.connect(f"/proc/self/fd/{dir_fd}/{path.name}")
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.close(dir_fd)
+    return sock
 
 
 def resolve_accel(want: str, paging: int, kernel: Path, initrd: Path) -> Accel:
