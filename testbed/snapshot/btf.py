@@ -472,3 +472,134 @@ def btf_from_elf(path_or_bytes: str | bytes) -> bytes:
 
 def _no_btf(what: str) -> bytes:
     raise BtfError(f"{what} has no .BTF section (kernel built without CONFIG_DEBUG_INFO_BTF)")
+
+
+def encode_btf(types: list[Type], endian: str = "<") -> bytes:
+    """Serialize types (ids 1..n in list order; ``Type.id`` is ignored) into a BTF blob.
+
+    The inverse of :meth:`Btf.parse` for every kind; used to build test data
+    and trimmed copies of a kernel's BTF.
+    """
+    strings = bytearray(b"\0")
+    str_off: dict[str, int] = {"": 0}
+
+    def s(name: str) -> int:
+        off = str_off.get(name)
+        if off is None:
+            off = str_off[name] = len(strings)
+            strings.extend(name.encode() + b"\0")
+        return off
+
+    u32 = struct.Struct(endian + "I")
+    body = bytearray()
+    for t in types:
+        k = t.kind
+        kflag = t.kind_flag
+        if k in (Kind.STRUCT, Kind.UNION):
+            vlen = len(t.members)
+            kflag = kflag or any(m.bit_size for m in t.members)
+        elif k in (Kind.ENUM, Kind.ENUM64):
+            vlen = len(t.enumerators)
+        elif k == Kind.FUNC_PROTO:
+            vlen = len(t.params)
+        elif k == Kind.DATASEC:
+            vlen = len(t.vars)
+        elif k == Kind.FUNC:
+            vlen = t.linkage
+        else:
+            vlen = 0
+        info = (int(kflag) << 31) | (int(k) << 24) | vlen
+        size_or_type = t.size if k in _SIZED else t.ref
+        body += struct.pack(endian + "III", s(t.name), info, size_or_type)
+        if k == Kind.INT:
+            enc = (t.int_encoding << 24) | (t.int_bit_offset << 16) | (t.int_bits or t.size * 8)
+            body += u32.pack(enc)
+        elif k == Kind.ARRAY:
+            index = next((i + 1 for i, x in enumerate(types)
+                          if x.kind == Kind.INT), 0)
+            body += struct.pack(endian + "III", t.ref, index, t.nelems)
+        elif k in (Kind.STRUCT, Kind.UNION):
+            for m in t.members:
+                off = (m.bit_size << 24 | m.bit_offset) if kflag else m.bit_offset
+                body += struct.pack(endian + "III", s(m.name), m.type_id, off)
+        elif k == Kind.ENUM:
+            for n, v in t.enumerators:
+                body += struct.pack(endian + "II", s(n), v & 0xFFFFFFFF)
+        elif k == Kind.ENUM64:
+            for n, v in t.enumerators:
+                v &= (1 << 64) - 1
+                body += struct.pack(endian + "III", s(n), v & 0xFFFFFFFF, v >> 32)
+        elif k == Kind.FUNC_PROTO:
+            for n, tid in t.params:
+                body += struct.pack(endian + "II", s(n), tid)
+        elif k == Kind.VAR:
+            body += u32.pack(t.linkage)
+        elif k == Kind.DATASEC:
+            for var in t.vars:
+                body += struct.pack(endian + "III", *var)
+        elif k == Kind.DECL_TAG:
+            body += u32.pack(0xFFFFFFFF)
+    hdr = struct.pack(endian + "HBBIIIII", BTF_MAGIC, 1, 0, _HDR.size, 0, len(body),
+                      len(body), len(strings))
+    return hdr + bytes(body) + bytes(strings)
+
+
+def subset(btf: Btf, roots: list[str], *, keep_vars: dict[str, list[str]] | None = None
+           ) -> bytes:
+    """A small BTF with the named types and what they embed; pointers leave the subset as
+    pointers to forward declarations (layouts stay exact: a pointer is 8 bytes either way).
+
+    ``keep_vars``: DATASEC name -> the variables of it to keep.
+    """
+    new_id: dict[tuple[int, bool], int] = {}
+    fwd: dict[tuple[str, bool], int] = {}
+    out: list[Type] = []
+
+    def place(t: Type) -> int:
+        out.append(t)
+        return len(out)
+
+    def add(tid: int, via_ptr: bool = False) -> int:
+        if tid == 0:
+            return 0
+        t = btf.type(tid)
+        key = (tid, via_ptr and t.kind in _MODIFIERS)
+        if via_ptr and t.kind in (Kind.STRUCT, Kind.UNION) and (tid, False) not in new_id:
+            fkey = (t.name, t.kind == Kind.UNION)
+            if fkey not in fwd:
+                fwd[fkey] = place(Type(0, Kind.FWD, t.name, kind_flag=t.kind == Kind.UNION))
+            return fwd[fkey]
+        if key in new_id:
+            return new_id[key]
+        idx = place(t)  # placeholder, fixed below once references are known
+        new_id[key] = idx
+        if t.kind == Kind.PTR or t.kind in _MODIFIERS and via_ptr:
+            ref = add(t.ref, True)
+            fixed = Type(0, t.kind, t.name, ref=ref, kind_flag=t.kind_flag)
+        elif t.kind in _MODIFIERS or t.kind in (Kind.VAR, Kind.ARRAY):
+            ref = add(t.ref, via_ptr)
+            fixed = Type(0, t.kind, t.name, ref=ref, nelems=t.nelems, linkage=t.linkage)
+        elif t.kind in (Kind.STRUCT, Kind.UNION):
+            ms = tuple(Member(m.name, add(m.type_id), m.bit_offset, m.bit_size)
+                       for m in t.members)
+            fixed = Type(0, t.kind, t.name, size=t.size, kind_flag=t.kind_flag, members=ms)
+        elif t.kind == Kind.FUNC_PROTO:
+            fixed = Type(0, t.kind, t.name, ref=add(t.ref, True),
+                         params=tuple((n, add(p, True)) for n, p in t.params))
+        elif t.kind == Kind.FUNC:
+            fixed = Type(0, t.kind, t.name, ref=add(t.ref, True), linkage=t.linkage)
+        else:
+            fixed = t
+        out[idx - 1] = fixed
+        return idx
+
+    for r in roots:
+        add(btf.find(r).id)
+    for sec, names in (keep_vars or {}).items():
+        for tid in btf.ids(sec, Kind.DATASEC):
+            kept = []
+            for var_id, off, size in btf.type(tid).vars:
+                if btf.type(var_id).name in names:
+                    kept.append((add(var_id), off, size))
+            place(Type(0, Kind.DATASEC, sec, size=btf.type(tid).size, vars=tuple(kept)))
+    return encode_btf(out)

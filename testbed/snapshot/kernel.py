@@ -155,6 +155,14 @@ class Mm:
     """``mm_cpumask(mm)``: CPUs that may hold TLB entries of this mm."""
     users: int
     count: int
+    pti: bool = False
+
+    @property
+    def user_pgd_phys(self) -> int:
+        """The top table user mode runs on: ``pgd_phys + 0x1000`` with PTI, else ``pgd_phys``.
+
+        With PTI the kernel copy (``pgd_phys``) marks user entries NX."""
+        return self.pgd_phys | 0x1000 if self.pti else self.pgd_phys
 
 
 @dataclass(frozen=True)
@@ -295,6 +303,7 @@ class KernelView:
         self._nr_cpu_ids: int | None = None
         self._per_cpu_offsets: tuple[int, ...] | None = None
         self._current: dict[int, int | None] | None = None
+        self._pti: bool | None = None
 
     # -- attach ----------------------------------------------------------------------
 
@@ -309,17 +318,22 @@ class KernelView:
         phys_base: int | None = None,
         levels: int | None = None,
         vmcoreinfo: VmcoreInfo | None = None,
+        symbols: SymbolTable | None = None,
     ) -> KernelView:
         """Attach to the kernel in ``memory`` (guest paused).
 
         ``kernel``: a :class:`KernelImage` or the path of its bzImage/vmlinux.
         ``kaslr_offset``/``phys_base``: known KASLR values (skip the search);
         ``cr3``: any vCPU's CR3, for the banner probe when the kernel has no
-        VMCOREINFO; ``levels``: paging depth (from CR4.LA57) when known.
+        VMCOREINFO; ``levels``: paging depth (from CR4.LA57) when known;
+        ``vmcoreinfo``: the note when already found (skips the RAM scan);
+        ``symbols``: a symbol table to use instead of the image's or kallsyms.
         """
         image = kernel if isinstance(kernel, KernelImage) else KernelImage.from_paths(kernel)
         btf = image.btf
-        link = image.symbols
+        link = image.symbols if symbols is None or not symbols.relocated else None
+        if symbols is not None and not symbols.relocated:
+            link = symbols
         info = vmcoreinfo
         if info is None and not (kaslr_offset is not None and phys_base is not None):
             try:
@@ -357,7 +371,9 @@ class KernelView:
                 )
         base_layout = KernelLayout(koff, pbase, DEFAULT_PAGE_OFFSET[levels or 4], levels or 4,
                                    source, info.osrelease if info else "")
-        if link is not None:
+        if symbols is not None:
+            pass
+        elif link is not None:
             symbols = link
         elif info is not None:
             image_reader = _ImageReader(memory, base_layout)
@@ -601,11 +617,34 @@ class KernelView:
                 if t not in seen:
                     seen.add(t)
                     out.append(t)
-        for cur in self._currents().values():
+        for cur in [*self._currents().values(), *self._idle_tasks()]:
             if cur is not None and cur not in seen:
                 seen.add(cur)
                 out.append(cur)
         return out
+
+    def _idle_tasks(self) -> list[int]:
+        """Each CPU's idle task (``runqueues.idle``); empty if the kernel lacks either."""
+        if "runqueues" not in self.symbols and "runqueues" not in self._percpu_btf:
+            return []
+        try:
+            off = self.btf.offsetof("struct rq", "idle")
+        except BtfError:
+            return []
+        return [self._u64(self.per_cpu("runqueues", c) + off) for c in range(self.nr_cpus)]
+
+    @property
+    def pti(self) -> bool:
+        """Page-table isolation on (X86_FEATURE_PTI in boot_cpu_data): each mm's user-mode
+        top table is the page after ``mm->pgd`` (:attr:`Mm.user_pgd_phys`)."""
+        if self._pti is None:
+            try:
+                off = self.btf.offsetof("struct cpuinfo_x86", "x86_capability[7]")
+                word = self._u32(self.symbol("boot_cpu_data") + off)
+                self._pti = bool(word >> 11 & 1)  # X86_FEATURE_PTI = 7*32 + 11
+            except (BtfError, SymbolError):
+                self._pti = False
+        return self._pti
 
     def _threads_of(self, leader: int) -> Iterator[int]:
         lay = self._task
@@ -660,6 +699,7 @@ class KernelView:
             cpumask=cpus,
             users=lay.get(buf, "mm_users") if lay.has("mm_users") else -1,
             count=lay.get(buf, "mm_count") if lay.has("mm_count") else -1,
+            pti=self.pti,
         )
 
 

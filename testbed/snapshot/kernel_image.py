@@ -81,7 +81,7 @@ def decompress_payload(kind: str, payload: bytes) -> bytes:
         return bz2.BZ2Decompressor().decompress(payload)
     if kind == "zstd":
         try:
-            import zstandard  # type: ignore[import-not-found]
+            import zstandard
 
             return bytes(zstandard.ZstdDecompressor().decompressobj().decompress(payload))
         except ImportError:

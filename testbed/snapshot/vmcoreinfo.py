@@ -24,8 +24,6 @@ from typing import Protocol
 from testbed.errors import TestbedError
 
 NOTE_NAME = b"VMCOREINFO\x00"
-# n_type 0, then the name padded to 4 bytes: what precedes the text in the note
-_NOTE_TAIL = b"\x00\x00\x00\x00" + NOTE_NAME + b"\x00"
 VMCOREINFO_MAX = 4096  # the kernel's VMCOREINFO_BYTES (one page)
 CHUNK = 16 << 20
 
@@ -159,16 +157,18 @@ def _chunks(mem: _Memory, overlap: int) -> Iterator[tuple[int, bytes]]:
 
 def scan_vmcoreinfo(data: bytes, base: int = 0) -> Iterator[VmcoreInfo]:
     """Every well-formed VMCOREINFO note in ``data`` (``base`` = its physical address)."""
-    pos = data.find(_NOTE_TAIL)
+    # search for the name itself: a pattern starting with zero bytes is slow over
+    # mostly-zero RAM (bytes.find: 4.7 s instead of 0.2 s for 512 MiB)
+    pos = data.find(NOTE_NAME)
     while pos >= 0:
-        hdr = pos - 8  # namesz, descsz precede n_type
+        hdr = pos - 12  # namesz, descsz, n_type precede the name
         if hdr >= 0:
             try:
                 text, _ = parse_note(data, hdr)
                 yield parse_vmcoreinfo(text, base + hdr + 24)
             except VmcoreinfoError:
                 pass
-        pos = data.find(_NOTE_TAIL, pos + 1)
+        pos = data.find(NOTE_NAME, pos + 1)
 
 
 def find_vmcoreinfo(mem: _Memory, *, osrelease: str | None = None) -> VmcoreInfo:
