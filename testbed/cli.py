@@ -23,6 +23,9 @@ def _registrars() -> list[Registrar]:
     from testbed.boot import commands as boot_commands
 
     regs.append(boot_commands.add_parsers)
+    from testbed.snapshot import commands as snapshot_commands
+
+    regs.append(snapshot_commands.add_parser)
     return regs
 
 

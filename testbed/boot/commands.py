@@ -113,14 +113,37 @@ def cmd_exec(args: argparse.Namespace) -> int:
     _terminate_on_signals()
     m = machine_from_args(args, "exec")
     boot_with_progress(m)
+    snapper = None
     try:
+        if args.snapshots is not None:
+            snapper = snapshot_on_checkpoints(m, args.snapshots)
         res = m.run(
             guest_command(argv), timeout=args.timeout,
             stdout=sys.stdout.buffer, stderr=sys.stderr.buffer, label=shlex.join(argv),
         )
     finally:
         m.stop()
+        if snapper is not None:
+            snapper.close()
     return res.status if res.status >= 0 else 255
+
+
+def snapshot_on_checkpoints(m: Machine, folder: Path) -> Any:
+    """Write folder/NAME.json at every guest checkpoint (tb-checkpoint NAME)."""
+    from testbed.boot.machine import Checkpoint
+    from testbed.snapshot.live import LiveSnapshotter, write_snapshot
+    from testbed.snapshot.snapshot import Trigger
+
+    assert m.qmp is not None
+    snapper = LiveSnapshotter(m.qmp, m.ram_path, m.cfg.kernel)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def on_checkpoint(ck: Checkpoint) -> None:
+        snap = snapper.capture(ck.name, Trigger(ck.name, ck.pid, ck.tid))
+        write_snapshot(snap, folder, ck.name)
+
+    m.on_checkpoint = on_checkpoint
+    return snapper
 
 
 def cmd_boot(args: argparse.Namespace) -> int:
@@ -151,6 +174,8 @@ def add_parsers(sub: Any) -> None:
     add_machine_options(p)
     p.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="fail if the command runs longer than S seconds")
+    p.add_argument("--snapshots", type=Path, metavar="DIR",
+                   help="write DIR/NAME.json at each guest checkpoint (tb-checkpoint NAME)")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS... (default: tb-pkey_fault)")
     p.set_defaults(func=cmd_exec)
 

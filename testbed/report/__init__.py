@@ -1,0 +1,1 @@
+"""Report stage: snapshots and findings rendered for people (text, HTML) and machines."""

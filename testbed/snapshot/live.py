@@ -1,0 +1,96 @@
+"""Snapshots of a live guest: pause, read vCPUs and memory, resume as it was."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from testbed.boot.qmp import QMP
+from testbed.snapshot.cpustate import snapshot_cpus
+from testbed.snapshot.kernel import KernelView
+from testbed.snapshot.kernel_image import KernelImage
+from testbed.snapshot.physmem import SharedFileMemory
+from testbed.snapshot.snapshot import Trigger, assemble
+
+
+def system_map_for(kernel: Path) -> Path | None:
+    """Debian keeps /boot/System.map-<release> beside /boot/vmlinuz-<release>."""
+    if kernel.name.startswith("vmlinuz-"):
+        candidate = kernel.with_name("System.map-" + kernel.name[len("vmlinuz-"):])
+        if candidate.exists():
+            return candidate
+    return None
+
+
+class LiveSnapshotter:
+    """Takes snapshots of one running guest; reuses the kernel's types and placement."""
+
+    def __init__(self, qmp: QMP, ram_path: Path, kernel: Path) -> None:
+        self.qmp = qmp
+        self.memory = SharedFileMemory(ram_path)
+        self.image = KernelImage.from_paths(kernel, system_map=system_map_for(kernel))
+        self._view: KernelView | None = None  # attached once; reads live memory each time
+
+    def capture(
+        self, name: str = "", trigger: Trigger | None = None, **assemble_args: Any
+    ) -> dict[str, Any]:
+        """Snapshot the guest; with a trigger, wait until that thread has left its CPU.
+
+        A checkpointing thread sends its request and then sleeps in read(); the
+        host can be faster than the guest's context switch. Taking the snapshot
+        only once the thread is off its CPU makes it the same every time: the
+        thread asleep, its PKRU saved in thread.pkru.
+        """
+        for attempt in range(100):
+            snap = self._capture_once(name, trigger, **assemble_args)
+            mine = [t for t in snap["tasks"] if trigger and t["pid"] == trigger.tid]
+            if not mine or mine[0]["running_on"] is None:
+                snap["timing"]["attempts"] = attempt + 1
+                return snap
+            time.sleep(0.002)
+        return snap
+
+    def _capture_once(
+        self, name: str, trigger: Trigger | None, **assemble_args: Any
+    ) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        was_running = bool(self.qmp.execute("query-status").get("running"))
+        if was_running:
+            self.qmp.execute("stop")
+        try:
+            t_stop = time.perf_counter()
+            cpus = self.qmp.run(snapshot_cpus(self.qmp.client)).vcpus
+            t_cpus = time.perf_counter()
+            if self._view is None:
+                levels = 5 if any(v.la57 for v in cpus) else 4
+                self._view = KernelView.attach(
+                    self.memory, self.image, cr3=cpus[0].cr3 if cpus else None, levels=levels
+                )
+            view = self._view
+            t_attach = time.perf_counter()
+            snap = assemble(view, cpus, name=name, trigger=trigger, **assemble_args)
+        finally:
+            if was_running:
+                self.qmp.execute("cont")
+        t_end = time.perf_counter()
+        snap["timing"].update(
+            cpus_ms=round((t_cpus - t_stop) * 1000, 2),
+            attach_ms=round((t_attach - t_cpus) * 1000, 2),
+            paused_ms=round((t_end - t_stop) * 1000, 2),
+            total_ms=round((t_end - t0) * 1000, 2),
+        )
+        return snap
+
+    def close(self) -> None:
+        self.memory.close()
+
+
+def write_snapshot(snap: dict[str, Any], folder: Path, name: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(snap, indent=1) + "\n")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,90 @@
+"""Snapshots of live guests at checkpoints: what the host sees equals what the guest did."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from testbed.boot.hostcaps import choose_accel
+from testbed.boot.kernelimage import default_kernel, inspect_kernel
+from testbed.boot.machine import Checkpoint, Machine, MachineConfig
+from testbed.build.initramfs import ImageSpec, build_image
+from testbed.snapshot.live import LiveSnapshotter
+from testbed.snapshot.pagetable import user_root
+from testbed.snapshot.snapshot import Trigger
+
+from conftest import run_testbed
+
+pytestmark = pytest.mark.vm
+
+
+def task_named(snap: dict[str, Any], comm: str) -> dict[str, Any]:
+    found = [t for t in snap["tasks"] if t["comm"] == comm]
+    assert len(found) == 1, [t["comm"] for t in snap["tasks"]]
+    return found[0]
+
+
+def test_exec_writes_a_snapshot_per_checkpoint(runs_dir: Path, tmp_path: Path):
+    out = tmp_path / "snaps"
+    res = run_testbed("exec", "--snapshots", str(out), "--", "tb-checkpoint", "one")
+    assert res.returncode == 0, res.stderr
+    snap = json.loads((out / "one.json").read_text())
+    assert snap["schema"] == "testbed.snapshot" and snap["schema_version"] == 1
+    assert snap["trigger"]["name"] == "one"
+    t = task_named(snap, "tb-checkpoint")
+    assert t["pid"] == snap["trigger"]["pid"]
+    assert t["state"] == "S" and t["pkru"] == "0x55555554"
+    stack = [m for m in t["mappings"] if m.get("region") == "stack"]
+    assert len(stack) == 1 and "w" in stack[0]["flags"]
+    assert {c["index"] for c in snap["cpus"]} == {0, 1}
+    assert all("tlb" in c for c in snap["cpus"])
+
+
+MARK = re.compile(r"pkey_mark addr=(0x[0-9a-f]+) pkey=(\d+) pkru=(0x[0-9a-f]+) pid=(\d+) tid=(\d+)")
+
+
+@pytest.mark.parametrize(
+    "paging, pti", [(5, "off"), (4, "off"), (5, "on")], ids=["5-level", "4-level", "5-level-pti"]
+)
+def test_host_sees_the_guest_page_key_marker_and_pkru(runs_dir: Path, paging: int, pti: str):
+    kernel = default_kernel()
+    image = build_image(ImageSpec(kernel=inspect_kernel(kernel)))
+    cfg = MachineConfig(kernel=kernel, initrd=image.path, accel=choose_accel("auto", paging),
+                        paging=paging, pti=pti)
+    seen: dict[str, Any] = {}
+    with Machine(cfg) as m:
+        assert m.qmp is not None
+        snapper = LiveSnapshotter(m.qmp, m.ram_path, kernel)
+
+        def on_checkpoint(ck: Checkpoint) -> None:
+            snap = snapper.capture(ck.name, Trigger(ck.name, ck.pid, ck.tid))
+            t = task_named(snap, "tb-pkey_mark")
+            view = snapper._view
+            assert view is not None
+            root = int(t.get("user_pgd", t["pgd"]), 16)
+            tr = view.walker.translate(root, 0x7E0000000000)
+            seen.update(snap=snap, task=t, marker=snapper.memory.read(tr.phys, 14),
+                        pkey_in_pte=tr.pkey)
+
+        m.on_checkpoint = on_checkpoint
+        res = m.run("tb-pkey_mark 0x7e0000000000 testbed-marker")
+        snapper.close()
+    assert res.status == 0, res.stderr
+    match = MARK.search(res.stdout.decode())
+    assert match, res.stdout
+    addr, pkey, pkru = int(match[1], 16), int(match[2]), match[3]
+    snap, t = seen["snap"], seen["task"]
+    assert snap["kernel"]["paging_levels"] == paging
+    assert snap["kernel"]["pti"] is (pti == "on")
+    assert seen["marker"] == b"testbed-marker"
+    assert seen["pkey_in_pte"] == pkey
+    page = [mp for mp in t["mappings"] if int(mp["start"], 16) <= addr < int(mp["end"], 16)]
+    assert len(page) == 1 and page[0]["pkey"] == pkey
+    assert t["state"] == "S" and t["running_on"] is None
+    assert int(t["pkru"], 16) == int(pkru, 16) and t["pkru_source"] == "thread.pkru"
+    if pti == "on":
+        assert t["user_pgd"] == hex(user_root(int(t["pgd"], 16)))
