@@ -88,3 +88,46 @@ def test_host_sees_the_guest_page_key_marker_and_pkru(runs_dir: Path, paging: in
     assert int(t["pkru"], 16) == int(pkru, 16) and t["pkru_source"] == "thread.pkru"
     if pti == "on":
         assert t["user_pgd"] == hex(user_root(int(t["pgd"], 16)))
+
+
+def test_inspect_live_guest_and_offline_dump(runs_dir: Path, tmp_path: Path):
+    import subprocess
+    import sys
+    import time
+
+    kernel = default_kernel()
+    image = build_image(ImageSpec(kernel=inspect_kernel(kernel)))
+    cfg = MachineConfig(kernel=kernel, initrd=image.path, accel=choose_accel("auto", 5))
+    with Machine(cfg) as m:
+        res = m.run("sleep 300 >/dev/null 2>&1 & echo $!")
+        pid = int(res.stdout)
+        time.sleep(0.5)
+        live = run_testbed("inspect", "--run", str(m.run_dir), "--json", "--pid", str(pid))
+        assert live.returncode == 0, live.stderr
+        text = run_testbed("inspect", "--run", str(m.run_dir), "--pid", str(pid))
+        assert text.returncode == 0 and re.search(rf"^{pid}\s+{pid}\s+sleep\b", text.stdout, re.M)
+        dump = tmp_path / "guest.elf"
+        m.execute("dump-guest-memory", {"paging": False, "protocol": f"file:{dump}"})
+    snap = json.loads(live.stdout)
+    assert [t["comm"] for t in snap["tasks"]] == ["sleep"]
+    off = subprocess.run(
+        [sys.executable, "-m", "testbed", "inspect", "--dump", str(dump), "--vmlinux", str(kernel),
+         "--json", "--pid", str(pid)], capture_output=True, text=True, timeout=300,
+    )
+    assert off.returncode == 0, off.stderr
+    offline = json.loads(off.stdout)
+    # the same process, the same page tables, the same mappings from both sources
+    (a,), (b,) = snap["tasks"], offline["tasks"]
+    assert (a["pid"], a["comm"], a["pgd"], a["pkru"]) == (b["pid"], b["comm"], b["pgd"], b["pkru"])
+    assert a["mappings"] == b["mappings"]
+
+
+def test_inspect_errors_are_one_line(tmp_path: Path):
+    res = run_testbed("inspect", "--run", str(tmp_path))
+    assert res.returncode == 125 and "not a run folder" in res.stderr
+    assert "Traceback" not in res.stderr
+    bad = tmp_path / "dump.elf"
+    bad.write_bytes(b"not an ELF file at all" * 10)
+    res = run_testbed("inspect", "--dump", str(bad), "--vmlinux", str(default_kernel()))
+    assert res.returncode == 125 and "Traceback" not in res.stderr, res.stderr
+    assert len([ln for ln in res.stderr.splitlines() if ln.startswith("testbed: error:")]) == 1
