@@ -25,7 +25,7 @@ from testbed.snapshot.kernel import (
 from testbed.snapshot.kernel_image import KernelImage, bzimage_payload, decompress_payload
 from testbed.snapshot.pagetable import PageTableWalker
 from testbed.snapshot.physmem import PhysMemError
-from testbed.snapshot.symbols import Symbol, SymbolTable
+from testbed.snapshot.symbols import START_KERNEL_MAP, Symbol, SymbolTable
 from testbed.snapshot.vmcoreinfo import (
     VmcoreinfoError,
     find_banner,
@@ -177,6 +177,22 @@ def test_explicit_kaslr_values_are_used(btf_blob: bytes) -> None:
                            kaslr_offset=lay["kaslr_offset"], phys_base=lay["phys_base"])
     assert kv.layout.source == "explicit" and kv.layout.levels == 4
     assert any(t.pid == meta["pid"] for t in kv.tasks())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_kaslr_found_by_banner_probe_without_vmcoreinfo(case: str, btf_blob: bytes) -> None:
+    meta, mem = load_case(case)
+    koff = meta["layout"]["kaslr_offset"]
+    # link-time symbols, as System.map would give them: KASLR moves image addresses only
+    link = SymbolTable({n: Symbol(n, int(a, 16) - (koff if int(a, 16) >= START_KERNEL_MAP
+                                                    else 0), "D")
+                        for n, a in meta["symbols"].items()}, False, "System.map")
+    cr3 = int(re.search(r"CR3=([0-9a-f]+)", meta["regs"][0]).group(1), 16)
+    kv = KernelView.attach(mem, KernelImage(btf_blob=btf_blob), symbols=link, cr3=cr3)
+    assert kv.layout.source == "banner-probe"
+    assert (kv.layout.kaslr_offset, kv.layout.phys_base, kv.layout.levels) == (
+        koff, meta["layout"]["phys_base"], meta["layout"]["levels"])
+    assert any(t.pid == meta["pid"] and t.comm == "sleep" for t in kv.tasks())
 
 
 def test_state_letters() -> None:

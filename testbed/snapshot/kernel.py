@@ -335,12 +335,23 @@ class KernelView:
         if symbols is not None and not symbols.relocated:
             link = symbols
         info = vmcoreinfo
+        probed: tuple[int, int, int | None] | None = None
+        if info is None and kaslr_offset is None and link is not None and cr3 is not None:
+            # symbols and a CR3: the banner probe costs milliseconds, a RAM scan ~0.2-0.7 s
+            try:
+                probed = _probe_banner(memory, link, cr3, None, levels)
+            except KernelViewError:
+                probed = None
+        if probed is not None:
+            kaslr_offset, phys_base, levels = probed
         if info is None and not (kaslr_offset is not None and phys_base is not None):
             try:
                 info = find_vmcoreinfo(memory)
             except VmcoreinfoError:
                 info = None
-        if kaslr_offset is not None:
+        if probed is not None:
+            source, koff, pbase = "banner-probe", probed[0], probed[1]
+        elif kaslr_offset is not None:
             source = "explicit"
             koff = kaslr_offset
             pbase = phys_base if phys_base is not None else (

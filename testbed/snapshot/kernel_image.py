@@ -190,15 +190,16 @@ class KernelImage:
 
     @cached_property
     def symbols(self) -> SymbolTable | None:
-        """Link-time symbols from the vmlinux ELF or System.map; None when neither has any."""
-        if self.vmlinux is not None:
-            try:
-                return load_elf_symbols(self.vmlinux)
-            except SymbolError:
-                pass
+        """Link-time symbols from System.map (fast: ~0.1 s) or the vmlinux ELF's .symtab
+        (pyelftools: ~2.5 s for 70k symbols); None when neither has any."""
         if self.system_map is not None:
             try:
                 return load_system_map(self.system_map)
+            except SymbolError:
+                pass
+        if self.vmlinux is not None:
+            try:
+                return load_elf_symbols(self.vmlinux)
             except SymbolError:
                 return None
         return None

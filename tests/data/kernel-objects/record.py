@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from testbed.snapshot.btf import subset
-from testbed.snapshot.kernel import KernelView
+from testbed.snapshot.kernel import KernelView, _probe_banner
 from testbed.snapshot.kernel_image import KernelImage
 from testbed.snapshot.pagetable import PageTableWalker
 from testbed.snapshot.physmem import SharedFileMemory
@@ -73,6 +73,12 @@ def main() -> None:
     kv = KernelView.attach(rec, image, vmcoreinfo=full.vmcoreinfo, symbols=table)
     tasks = kv.tasks()
     kv.online_cpus()
+    # what the banner probe reads (KASLR without VMCOREINFO, from link-time symbols + CR3)
+    cr3 = int(info["regs"][0].split("CR3=")[1].split()[0], 16)
+    koff = kv.layout.kaslr_offset
+    link = SymbolTable({"linux_banner": Symbol("linux_banner", syms["linux_banner"] - koff)},
+                       False, "link")
+    assert _probe_banner(rec, link, cr3, None, None)[:2] == (koff, kv.layout.phys_base)
     walker = PageTableWalker(rec.read, levels=kv.layout.levels, ram_size=mem.size)
     expect_tasks = []
     for t in tasks:
