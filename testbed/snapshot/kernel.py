@@ -349,6 +349,8 @@ class KernelView:
                 info = find_vmcoreinfo(memory)
             except VmcoreinfoError:
                 info = None
+        koff: int | None
+        pbase: int | None
         if probed is not None:
             source, koff, pbase = "banner-probe", probed[0], probed[1]
         elif kaslr_offset is not None:
