@@ -17,16 +17,10 @@ from typing import Any
 from testbed.errors import TestbedError
 from testbed.snapshot.kernel import KernelView, Mm, Task
 from testbed.snapshot.migstream import VcpuState
-from testbed.snapshot.pagetable import (
-    EntryKind,
-    MappingRange,
-    PageTableWalker,
-    user_root,
-)
+from testbed.snapshot.pagetable import Entry, EntryKind, MappingRange, PageTableWalker
 
 SCHEMA = "testbed.snapshot"
 SCHEMA_VERSION = 1
-USER_HALF_TOP = {4: 1 << 47, 5: 1 << 56}
 
 
 def hx(value: int) -> str:
@@ -106,15 +100,29 @@ def label_regions(mappings: list[dict[str, Any]], regions: dict[str, int]) -> No
             m.setdefault("region", "heap")
 
 
-def pti_enabled(walker: PageTableWalker, pgd_phys: int) -> bool:
-    """PTI sets NX on the kernel root's user-half entries (pti_set_user_pgtbl); see if it did."""
-    top = USER_HALF_TOP[walker.levels]
-    user_entries = [e for e in walker.top_entries(pgd_phys) if e.present and e.va < top]
-    return bool(user_entries) and all(e.nx for e in user_entries)
-
-
-def mm_record(mm: Mm, tasks: Iterable[Task]) -> dict[str, Any]:
+def slot_record(e: Entry) -> dict[str, Any]:
+    """A 512 GiB entry (P4D with 5-level paging, PGD with 4-level): what RPAL copies."""
     return {
+        "slot": e.va >> 39,
+        "raw": hx(e.raw),
+        "table": hx(e.addr),
+        "present": e.present,
+        "marker": e.sw9,  # software bit 1 (bit 9): RPAL's mark on a copied entry
+        "user": e.user,
+        "write": e.write,
+        "nx": e.nx,
+    }
+
+
+def slot_records(walker: PageTableWalker, root: int) -> list[dict[str, Any]]:
+    try:
+        return [slot_record(e) for e in walker.slot_entries(root)]
+    except TestbedError as exc:
+        return [{"error": exc.one_line()}]
+
+
+def mm_record(mm: Mm, tasks: Iterable[Task], walker: PageTableWalker) -> dict[str, Any]:
+    rec = {
         "address": hx(mm.address),
         "pgd": hx(mm.pgd_phys),
         "tlb_gen": mm.tlb_gen,
@@ -122,7 +130,12 @@ def mm_record(mm: Mm, tasks: Iterable[Task]) -> dict[str, Any]:
         "cpumask": sorted(mm.cpumask),
         "users": mm.users,
         "tasks": sorted(t.pid for t in tasks),
+        "slots": slot_records(walker, mm.pgd_phys),
     }
+    if mm.pti:
+        rec["user_pgd"] = hx(mm.user_pgd_phys)
+        rec["user_slots"] = slot_records(walker, mm.user_pgd_phys)
+    return rec
 
 
 def assemble(
@@ -149,7 +162,7 @@ def assemble(
                     continue
                 mms[t.mm] = found
             mm_tasks.setdefault(t.mm, []).append(t)
-    pti = any(pti_enabled(walker, mm.pgd_phys) for mm in list(mms.values())[:1])
+    pti = view.pti
     mappings_of: dict[int, list[dict[str, Any]]] = {}
     task_records = []
     for t in tasks:
@@ -177,8 +190,8 @@ def assemble(
         if mm is not None:
             rec["mm"] = hx(mm.address)
             rec["pgd"] = hx(mm.pgd_phys)
-            root = user_root(mm.pgd_phys) if pti else mm.pgd_phys
-            if pti:
+            root = mm.user_pgd_phys
+            if mm.pti:
                 rec["user_pgd"] = hx(root)
             if mm.address not in mappings_of:
                 try:
@@ -220,6 +233,6 @@ def assemble(
         },
         "cpus": cpus,
         "tasks": task_records,
-        "mms": [mm_record(mm, mm_tasks.get(a, [])) for a, mm in sorted(mms.items())],
+        "mms": [mm_record(mm, mm_tasks.get(a, []), walker) for a, mm in sorted(mms.items())],
         "timing": {"assemble_ms": round((time.perf_counter() - t0) * 1000, 2)},
     }
