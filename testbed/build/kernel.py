@@ -287,6 +287,17 @@ def configure(src: Path, obj: Path, fragments: Sequence[kconfig.Fragment], *, lo
 
 # --------------------------------------------------------------------------- build
 
+# Object folders kept per base tree (one per distinct set of config fragments);
+# the least recently used beyond this are deleted (each is 1-2 GB with DWARF).
+KEEP_BUILD_TREES = 3
+
+
+def _prune_build_trees(origin: Path, keep: int) -> None:
+    trees = sorted((d for d in origin.glob("obj-*") if d.is_dir()),
+                   key=lambda d: d.stat().st_mtime, reverse=True)
+    for old in trees[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+
 
 def build_kernel(
     series: str | os.PathLike[str] | None = None,
@@ -353,6 +364,8 @@ def _build_locked(base: BaseSource, ser: Series, fragments: list[kconfig.Fragmen
     obj = origin / f"obj-{_config_id(base, fragments, toolchain)}"
     incremental = (obj / "vmlinux").is_file()
     obj.mkdir(parents=True, exist_ok=True)
+    os.utime(obj)  # most recently used; see _prune_build_trees
+    _prune_build_trees(origin, keep=KEEP_BUILD_TREES)
 
     configure(src, obj, fragments, log=log, progress=progress)
     t_make = time.monotonic()
