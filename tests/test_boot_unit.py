@@ -107,6 +107,9 @@ def test_checkpoint_request_parsing():
     from testbed.boot.machine import Checkpoint, parse_checkpoint_request
 
     assert parse_checkpoint_request(b"checkpoint one 12 13\n") == Checkpoint("one", 12, 13)
-    for bad in (b"checkpoint one 12\n", b"hello one 1 2\n", b"checkpoint a b c\n"):
+    ck = parse_checkpoint_request(b"checkpoint two 1 2 rpal_id=3 pkey=4\n")
+    assert ck.facts == {"rpal_id": "3", "pkey": "4"}
+    for bad in (b"checkpoint one 12\n", b"hello one 1 2\n", b"checkpoint a b c\n",
+                b"checkpoint a 1 2 novalue\n"):
         with pytest.raises(ValueError):
             parse_checkpoint_request(bad)

@@ -30,11 +30,11 @@ def task_named(snap: dict[str, Any], comm: str) -> dict[str, Any]:
 
 def test_exec_writes_a_snapshot_per_checkpoint(runs_dir: Path, tmp_path: Path):
     out = tmp_path / "snaps"
-    res = run_testbed("exec", "--snapshots", str(out), "--", "tb-checkpoint", "one")
+    res = run_testbed("exec", "--snapshots", str(out), "--", "tb-checkpoint", "one", "k=v")
     assert res.returncode == 0, res.stderr
     snap = json.loads((out / "one.json").read_text())
     assert snap["schema"] == "testbed.snapshot" and snap["schema_version"] == 1
-    assert snap["trigger"]["name"] == "one"
+    assert snap["trigger"]["name"] == "one" and snap["trigger"]["facts"] == {"k": "v"}
     t = task_named(snap, "tb-checkpoint")
     assert t["pid"] == snap["trigger"]["pid"]
     assert t["state"] == "S" and t["pkru"] == "0x55555554"

@@ -1,7 +1,7 @@
 /*
  * Guest end of the checkpoint channel: a virtio-serial port named
  * org.testbed.checkpoint. Protocol, one line each way:
- *   guest -> host: "checkpoint <name> <pid> <tid>\n"
+ *   guest -> host: "checkpoint <name> <pid> <tid> [key=value ...]\n"
  *   host -> guest: "ok <name>\n" or "err <reason>\n"
  * flock() on the port serializes checkpoints of concurrent processes.
  */
@@ -50,11 +50,16 @@ static int find_port(char *dev, size_t len)
 
 int tb_checkpoint(const char *name)
 {
+	return tb_checkpoint_facts(name, NULL);
+}
+
+int tb_checkpoint_facts(const char *name, const char *facts)
+{
 	char dev[300], line[512], reply[512];
 	size_t got = 0;
 	int fd, n;
 
-	if (strpbrk(name, " \n") || !*name) {
+	if (strpbrk(name, " \n") || !*name || (facts && strchr(facts, '\n'))) {
 		errno = EINVAL;
 		return -1;
 	}
@@ -67,8 +72,12 @@ int tb_checkpoint(const char *name)
 		return -1;
 	if (flock(fd, LOCK_EX) != 0)
 		goto fail;
-	n = snprintf(line, sizeof(line), "checkpoint %s %d %ld\n", name, getpid(),
-		     (long)syscall(SYS_gettid));
+	n = snprintf(line, sizeof(line), "checkpoint %s %d %ld%s%s\n", name, getpid(),
+		     (long)syscall(SYS_gettid), facts && *facts ? " " : "", facts ? facts : "");
+	if (n >= (int)sizeof(line)) {
+		errno = E2BIG;
+		goto fail;
+	}
 	if (write(fd, line, n) != n)
 		goto fail;
 	while (got < sizeof(reply) - 1) {

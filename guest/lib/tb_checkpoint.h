@@ -14,4 +14,11 @@
 
 int tb_checkpoint(const char *name);
 
+/*
+ * The same, with facts for the host's checks: `facts` is "key=value ..."
+ * (no newlines; keys and values without spaces), e.g. "rpal_id=3 pkey=4",
+ * written into the snapshot's trigger. NULL or "" for none.
+ */
+int tb_checkpoint_facts(const char *name, const char *facts);
+
 #endif

@@ -139,7 +139,7 @@ def snapshot_on_checkpoints(m: Machine, folder: Path) -> Any:
     folder.mkdir(parents=True, exist_ok=True)
 
     def on_checkpoint(ck: Checkpoint) -> None:
-        snap = snapper.capture(ck.name, Trigger(ck.name, ck.pid, ck.tid))
+        snap = snapper.capture(ck.name, Trigger(ck.name, ck.pid, ck.tid, dict(ck.facts)))
         write_snapshot(snap, folder, ck.name)
 
     m.on_checkpoint = on_checkpoint

@@ -104,14 +104,21 @@ class Checkpoint:
     name: str
     pid: int
     tid: int
+    facts: dict[str, str] = field(default_factory=dict)  # KEY=VALUE the guest added
 
 
 def parse_checkpoint_request(line: bytes) -> Checkpoint:
-    """Parse "checkpoint NAME PID TID" (pure); ValueError when malformed."""
+    """Parse "checkpoint NAME PID TID [KEY=VALUE...]" (pure); ValueError when malformed."""
     parts = line.decode("ascii", "replace").split()
-    if len(parts) != 4 or parts[0] != "checkpoint":
+    if len(parts) < 4 or parts[0] != "checkpoint":
         raise ValueError(f"malformed checkpoint request {line[:80]!r}")
-    return Checkpoint(parts[1], int(parts[2]), int(parts[3]))
+    facts = {}
+    for token in parts[4:]:
+        key, eq, value = token.partition("=")
+        if not eq or not key:
+            raise ValueError(f"malformed checkpoint fact {token!r} (want KEY=VALUE)")
+        facts[key] = value
+    return Checkpoint(parts[1], int(parts[2]), int(parts[3]), facts)
 
 
 _live: set[Machine] = set()

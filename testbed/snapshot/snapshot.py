@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from testbed.errors import TestbedError
@@ -34,6 +34,7 @@ class Trigger:
     name: str
     pid: int
     tid: int
+    facts: dict[str, str] = field(default_factory=dict)
 
 
 def cpu_record(v: VcpuState) -> dict[str, Any]:
@@ -223,7 +224,7 @@ def assemble(
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
         "name": name,
-        "trigger": vars(trigger) if trigger else None,
+        "trigger": asdict(trigger) if trigger else None,
         "kernel": {
             "osrelease": view.layout.osrelease,
             "paging_levels": walker.levels,
