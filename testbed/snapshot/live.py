@@ -15,22 +15,13 @@ from testbed.snapshot.physmem import SharedFileMemory
 from testbed.snapshot.snapshot import Trigger, assemble
 
 
-def system_map_for(kernel: Path) -> Path | None:
-    """Debian keeps /boot/System.map-<release> beside /boot/vmlinuz-<release>."""
-    if kernel.name.startswith("vmlinuz-"):
-        candidate = kernel.with_name("System.map-" + kernel.name[len("vmlinuz-"):])
-        if candidate.exists():
-            return candidate
-    return None
-
-
 class LiveSnapshotter:
     """Takes snapshots of one running guest; reuses the kernel's types and placement."""
 
     def __init__(self, qmp: QMP, ram_path: Path, kernel: Path) -> None:
         self.qmp = qmp
         self.memory = SharedFileMemory(ram_path)
-        self.image = KernelImage.from_paths(kernel, system_map=system_map_for(kernel))
+        self.image = KernelImage.from_paths(kernel)
         self._view: KernelView | None = None  # attached once; reads live memory each time
 
     def capture(
