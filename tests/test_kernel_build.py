@@ -411,8 +411,11 @@ def test_explain_mismatches_one_line_each(tmp_path: Path) -> None:
     final = kconfig.parse_config("CONFIG_X86_64=y\n")
     mism = kconfig.check_config({"CONFIG_PKU": ("y", "/x/base.config")}, final)
     (line,) = kconfig.explain_mismatches(mism, root, final)
-    assert line == ("CONFIG_PKU=y (from base.config) did not stick, final value n: unmet "
+    assert line == ("CONFIG_PKU=y (from base.config), final value n: unmet "
                     "dependency X86_64 && (CPU_SUP_INTEL || CPU_SUP_AMD) (arch/x86/Kconfig)")
+    mism = kconfig.check_config({"CONFIG_PKU": ("y", "CONFIG_PKU=y")}, final)
+    assert kconfig.explain_mismatches(mism, root, final)[0].startswith(
+        "CONFIG_PKU=y (from inline), final value n")
 
 
 @pytest.mark.parametrize(

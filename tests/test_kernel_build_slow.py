@@ -29,7 +29,6 @@ def sections(vmlinux: Path) -> set[str]:
     return {w for line in out.splitlines() for w in line.split() if w.startswith(".")}
 
 
-@pytest.mark.timeout(3600)
 def test_base_build_then_cache_hit(runs_dir: Path) -> None:
     kb = kernel.build_kernel(jobs=2)
     assert kb.bzimage.stat().st_size > 500_000
@@ -37,8 +36,9 @@ def test_base_build_then_cache_hit(runs_dir: Path) -> None:
     cfg = kb.config.read_text()
     for line in ("CONFIG_X86_5LEVEL=y", "CONFIG_X86_INTEL_MEMORY_PROTECTION_KEYS=y",
                  "CONFIG_PAGE_TABLE_ISOLATION=y", "CONFIG_DEBUG_INFO_BTF=y", "CONFIG_ACPI=y",
-                 "# CONFIG_RANDOMIZE_BASE is not set"):
+                 "CONFIG_CRASH_CORE=y", "CONFIG_FW_CFG_SYSFS=y"):
         assert line in cfg
+    assert "CONFIG_RANDOMIZE_BASE=y" not in cfg
     assert kb.base_version.startswith("linux-source-6.1 ")
     assert "make kernelversion 6.1." in kb.base_version
     t0 = time.monotonic()
@@ -48,7 +48,6 @@ def test_base_build_then_cache_hit(runs_dir: Path) -> None:
     assert any(r["key"] == kb.key for r in kernel.list_cached())
 
 
-@pytest.mark.timeout(1800)
 def test_option_that_does_not_stick_on_the_real_tree(runs_dir: Path) -> None:
     with pytest.raises(BuildError) as exc:
         kernel.build_kernel(config_fragments=["CONFIG_KVM_AMD=y"], jobs=2)
@@ -72,7 +71,6 @@ PATCH = "".join(line + "\n" for line in [
 ])
 
 
-@pytest.mark.timeout(3600)
 def test_changing_one_patch_rebuilds_incrementally(tmp_path: Path, runs_dir: Path) -> None:
     series = tmp_path / "marker"
     series.mkdir()

@@ -403,6 +403,6 @@ def explain_mismatches(mismatches: Iterable[Mismatch], srctree: Path,
     lines = []
     for mm in items:
         why = index.explain(mm.symbol, mm.requested, final) if index else "reason unknown"
-        lines.append(f"{mm.symbol}={mm.requested} (from {Path(mm.fragment).name}) did not stick, "
-                     f"final value {mm.actual}: {why}")
+        src = ("inline" if mm.fragment.startswith("CONFIG_") else Path(mm.fragment).name)
+        lines.append(f"{mm.symbol}={mm.requested} (from {src}), final value {mm.actual}: {why}")
     return lines
