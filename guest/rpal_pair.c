@@ -134,6 +134,7 @@ static int child(const char *role, int rfd, int wfd, int same_pkey)
 		rpal_check(&l, r == -EKEYREJECTED, "same_pkey",
 			   "request of a peer with the same pkey %d -> %s (expected EKEYREJECTED)",
 			   pkey, rpal_errname(r));
+		rpal_link_sync(&l, 's');	/* both asked before either exits */
 		return l.failures ? 1 : 0;
 	}
 	rpal_check(&l, r >= 0, "request", "request(%llu) -> %s",

@@ -137,8 +137,9 @@ static int peer_main(struct rpal_link *l, int rounds)
 				goto lost;
 			/* restore T (same address) with OLD for the next phase */
 			munmap(t, 4096);
-			n = fresh_page(OLD);
-			if (mremap(n, 4096, 4096, MREMAP_MAYMOVE | MREMAP_FIXED, t) != t)
+			n = fresh_page(OLD);	/* may land right at t */
+			if (n != t && mremap(n, 4096, 4096,
+					     MREMAP_MAYMOVE | MREMAP_FIXED, t) != t)
 				perror("mremap");
 		}
 	}
