@@ -129,7 +129,7 @@ def parse_series_text(text: str, *, where: str = SERIES_FILE) -> list[SeriesEntr
 
 def _patch_header(text: bytes) -> tuple[str, str, str]:
     """Subject, author and message of a patch file in git format-patch or quilt form."""
-    head = text.split(b"\ndiff --git ", 1)[0].split(b"\n--- ", 1)[0]
+    head = (b"\n" + text).split(b"\ndiff --git ", 1)[0].split(b"\n--- ", 1)[0].lstrip(b"\n")
     decoded = head.decode("utf-8", "replace")
     if decoded.startswith("From "):
         msg = email.message_from_string(decoded, policy=email.policy.default)
@@ -138,6 +138,7 @@ def _patch_header(text: bytes) -> tuple[str, str, str]:
         body = msg.get_payload()
         body_text = body if isinstance(body, str) else ""
         return subject, author, body_text.split("\n---\n", 1)[0].strip()
+    decoded = decoded.split("\n---\n", 1)[0]
     lines = [ln for ln in decoded.splitlines() if ln.strip() and not ln.startswith("Index:")]
     return (lines[0].strip() if lines else ""), "", "\n".join(lines[1:]).strip()
 
