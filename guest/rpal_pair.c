@@ -228,6 +228,18 @@ int main(int argc, char **argv)
 			return 2;
 		}
 	}
+	{
+		struct rpal_version_info vi = { 0, 0 };
+		int fd = rpal_open();
+
+		if (fd >= 0 && rpal_version(fd, &vi) == 0)
+			printf("rpal_pair: api %u, caps%s%s%s\n", vi.api_version,
+			       vi.cap & RPAL_CAP_PKU ? " pku" : "",
+			       vi.cap & RPAL_CAP_5LEVEL ? " 5level" : " 4level",
+			       vi.cap & RPAL_CAP_PTI ? " pti" : " nopti");
+		if (fd >= 0)
+			close(fd);
+	}
 	i = rpal_run_pair("A", "B", same, same ? (char *[]){ "--same-pkey" } : NULL);
 	printf("rpal_pair%s: %s\n", same ? " --same-pkey" : "",
 	       i ? "FAILED" : "PASSED");

@@ -210,6 +210,30 @@ int rpal_try_write64(volatile uint64_t *p, uint64_t v, int timeout_ms,
 	return 0;
 }
 
+void rpal_watchdog(int timeout_ms)
+{
+	try_setup(timeout_ms);
+}
+
+int rpal_try_read64_nosys(const volatile uint64_t *p, uint64_t *out,
+			  struct rpal_fault *f)
+{
+	volatile uint32_t pkru = rdpkru();
+
+	if (sigsetjmp(try_env, 0)) {	/* 0: no sigprocmask call */
+		wrpkru(pkru);
+		try_armed = 0;
+		*f = try_fault;
+		return -1;
+	}
+	try_fault.sig = 0;
+	try_armed = 1;
+	*out = *p;
+	try_armed = 0;
+	f->sig = 0;
+	return 0;
+}
+
 const char *rpal_fault_str(const struct rpal_fault *f)
 {
 	static char buf[96];

@@ -111,6 +111,13 @@ int rpal_try_read64(const volatile uint64_t *p, uint64_t *out,
 		    int timeout_ms, struct rpal_fault *f);
 int rpal_try_write64(volatile uint64_t *p, uint64_t v,
 		     int timeout_ms, struct rpal_fault *f);
+/* The same without any system call on the way (under PTI without PCID,
+ * every return from the kernel flushes the TLB, which would hide a stale
+ * translation).  Arm rpal_watchdog() around a loop of these: SIGALRM during
+ * an access ends it with f->sig == SIGALRM, outside one it kills us. */
+int rpal_try_read64_nosys(const volatile uint64_t *p, uint64_t *out,
+			  struct rpal_fault *f);
+void rpal_watchdog(int timeout_ms);	/* 0 disarms */
 const char *rpal_fault_str(const struct rpal_fault *f);
 const char *rpal_errname(int err);	/* "EKEYREJECTED" for -EKEYREJECTED */
 
