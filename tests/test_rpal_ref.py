@@ -1,0 +1,221 @@
+"""The RPAL reference kernel (kernel-patches/rpal-ref) in real guests.
+
+For every injected bug (`rpal.bug=NAME`) the matching misbehaviour must be
+visible in the guest; with no bug on, none of it may be. The workloads are
+the guest programs tb-rpal_pair, tb-rpal_stale_probe and tb-rpal_stray
+(guest/*.c); each prints "ROLE: ok CHECK: ..." / "ROLE: FAIL CHECK: ..." and
+exits non-zero when a check failed.
+
+The kernel: $TESTBED_RPAL_KERNEL (a bzImage) if set; else the cached
+`testbed kernel build --series rpal-ref`; else, with TESTBED_SLOW=1, it is
+built (minutes, cold); otherwise the guest tests are skipped.
+
+Everything that boots goes through `run_workloads()`, the one place that
+talks to `testbed exec`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import run_testbed
+
+REPO = Path(__file__).resolve().parents[1]
+SERIES = REPO / "kernel-patches" / "rpal-ref"
+
+WORKLOADS = {
+    "pair": "tb-rpal_pair",
+    "same": "tb-rpal_pair --same-pkey",
+    "stale": "tb-rpal_stale_probe",
+    "stray": "tb-rpal_stray",
+}
+
+# bug -> (workload that must fail, a line it must print)
+EXPECTED = {
+    "skip_peer_flush": ("stale", r"probe: FAIL (remap|protect|unmap): [1-9]\d* stale reads"),
+    "keep_copy_on_release": ("pair", r"[AB]: FAIL release: .*no fault"),
+    "keep_copy_on_exit": ("pair", r"A: FAIL exit_copy: .*no fault"),
+    "same_pkey": ("same", r"[AB]: FAIL same_pkey: request .* -> [01] \(expected EKEYREJECTED\)"),
+    "pkru_open": ("pair", r"[AB]: FAIL pkru: PKRU after enable 0,"),
+    "untagged_mmap": ("pair", r"[AB]: FAIL mmap_tagged: .*SEGV_PKUERR pkey 0"),
+    "pkey_free_allowed": ("pair", r"[AB]: FAIL keys_locked: pkey_free\(\d+\) -> 0"),
+    "wrong_slot_copy": ("pair", r"[AB]: FAIL peer_read: .*no fault, value 0x"),
+    "no_fault_redirect": ("pair", r"[AB]: FAIL fault_redirect: .*SIGSEGV"),
+}
+
+
+# --------------------------------------------------------------------------- plumbing
+
+
+@dataclass
+class Outcome:
+    status: int
+    output: str
+
+
+def _cached_build() -> Path | None:
+    """bzImage of the rpal-ref build in the cache for the current patches, or None."""
+    from testbed.build import kconfig, kernel
+    from testbed.build.kernel_source import resolve_source
+    from testbed.build.series import load_series
+
+    try:
+        base = resolve_source(None, kernel.work_dir())
+        ser = load_series(str(SERIES))
+        frags = [kconfig.load_fragment(kconfig.BASE_FRAGMENT)]
+        if ser.config_fragment is not None:
+            frags.append(kconfig.load_fragment(ser.config_fragment))
+        key = kernel.cache_key(base.identity, ser, frags, kernel.toolchain_versions())
+        return kernel.load_build(kernel.kernels_dir() / key).bzimage
+    except Exception:  # noqa: BLE001 - not built (or no base tree): the caller decides
+        return None
+
+
+@pytest.fixture(scope="module")
+def rpal_kernel() -> Path:
+    env = os.environ.get("TESTBED_RPAL_KERNEL")
+    if env:
+        return Path(env)
+    bz = _cached_build()
+    if bz is not None:
+        return bz
+    if os.environ.get("TESTBED_SLOW") != "1":
+        pytest.skip("rpal-ref kernel not built: run `testbed kernel build --series rpal-ref` "
+                    "or set TESTBED_SLOW=1 (or TESTBED_RPAL_KERNEL=bzImage)")
+    from testbed.build import kernel
+
+    return kernel.build_kernel(series=str(SERIES), jobs=2).bzimage
+
+
+def guest_script(names: list[str]) -> str:
+    """Shell that runs each workload and brackets its output with markers."""
+    lines = []
+    for n in names:
+        lines.append(f"echo '@@@ begin {n}'")
+        lines.append(f"{WORKLOADS[n]} 2>&1")
+        lines.append(f"echo \"@@@ end {n} $?\"")
+    lines.append("cat /sys/module/rpal/parameters/bug | sed 's/^/@@@ bugs /'")
+    return "\n".join(lines)
+
+
+def parse(stdout: str) -> dict[str, Outcome]:
+    out: dict[str, Outcome] = {}
+    for m in re.finditer(r"^@@@ begin (\w+)\n(.*?)^@@@ end \1 (\d+)$", stdout, re.S | re.M):
+        out[m.group(1)] = Outcome(int(m.group(3)), m.group(2))
+    return out
+
+
+def run_workloads(kernel: Path, names: list[str], *, bugs: str = "", paging: int = 5,
+                  pti: str = "auto") -> tuple[dict[str, Outcome], str]:
+    """Boot `kernel` with rpal.bug=`bugs`, run the workloads, return their outcomes."""
+    args = ["exec", "--kernel", str(kernel), "--paging", str(paging), "--pti", pti,
+            "--timeout", "300"]
+    if bugs:
+        args += ["--append", f"rpal.bug={bugs}"]
+    res = run_testbed(*args, "--", "sh", "-c", guest_script(names), timeout=900)
+    text = res.stdout + res.stderr
+    found = parse(res.stdout)
+    assert set(found) == set(names), f"exec status {res.returncode}:\n{text[-3000:]}"
+    m = re.search(r"^@@@ bugs (.*)$", res.stdout, re.M)
+    assert m and m.group(1) == (bugs or "none"), text[-2000:]
+    return found, text
+
+
+# --------------------------------------------------------------------------- host-only checks
+
+
+def test_series_file_lists_the_patches_in_order():
+    names = [ln.strip() for ln in (SERIES / "series").read_text().splitlines()
+             if ln.strip() and not ln.startswith("#")]
+    assert names == sorted(p.name for p in SERIES.glob("*.patch"))
+    assert (SERIES / "config").read_text().count("CONFIG_RPAL=y") == 1
+
+
+def test_every_injected_bug_is_documented_and_in_the_kernel():
+    readme = (SERIES / "README.md").read_text()
+    patches = "".join(p.read_text() for p in SERIES.glob("*.patch"))
+    for bug in EXPECTED:
+        assert f"`{bug}`" in readme, bug
+        assert f'"{bug}"' in patches, bug
+
+
+def test_guest_abi_header_mirrors_the_uapi_header():
+    """Same ioctl numbers and constants in guest/lib/rpal.h as in the patch's uapi header."""
+    patches = "".join(p.read_text() for p in SERIES.glob("*.patch"))
+    uapi = re.search(r"\+\+\+ b/include/uapi/linux/rpal\.h\n(.*?)(?=^diff --git)", patches,
+                     re.S | re.M)
+    assert uapi
+    kern = {m.group(1): m.group(2) for m in re.finditer(
+        r"^\+#define (RPAL_\w+)\s+(_IO\w*\(RPAL_IOCTL_MAGIC, \d+[^)]*\)|\S+)", uapi.group(1), re.M)}
+    guest = {m.group(1): m.group(2) for m in re.finditer(
+        r"^#define (RPAL_\w+)\s+(_IO\w*\(RPAL_IOCTL_MAGIC, \d+[^)]*\)|\S+)",
+        (REPO / "guest/lib/rpal.h").read_text(), re.M)}
+    norm = {k: v.replace("__u64", "uint64_t") for k, v in kern.items()}
+    assert len(norm) >= 20
+    for k, v in norm.items():
+        assert guest.get(k) == v, (k, v, guest.get(k))
+
+
+# --------------------------------------------------------------------------- guests
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("paging,pti", [(5, "auto"), (4, "auto"), (5, "on"), (4, "on")],
+                         ids=["5level", "4level", "5level-pti", "4level-pti"])
+def test_no_bug_no_misbehaviour(rpal_kernel: Path, runs_dir: Path, paging: int, pti: str):
+    found, text = run_workloads(rpal_kernel, list(WORKLOADS), paging=paging, pti=pti)
+    for name, o in found.items():
+        assert o.status == 0, f"{name} failed with no bug on:\n{o.output}"
+        assert "FAIL" not in o.output, o.output
+    caps = re.search(r"rpal_pair: api 1, caps (.*)", found["pair"].output)
+    assert caps, found["pair"].output
+    assert ("5level" if paging == 5 else "4level") in caps.group(1)
+    if pti == "on":
+        assert "pti" in caps.group(1).split()
+    pair = found["pair"].output
+    for check in ("peer_read", "fault_redirect", "pkey_deny", "peer_write", "release",
+                  "dead_key", "exit_copy", "pkru", "keys_locked", "mmap_tagged"):
+        assert re.search(rf"^[AB]: ok {check}:", pair, re.M), check
+    assert re.search(r"A: ok same_pkey: .*-> EKEYREJECTED", found["same"].output)
+    assert re.search(r"stray: ok gadget: weakness shown", found["stray"].output)
+    assert re.search(r"stray: ok pkey_deny: .*SEGV_PKUERR", found["stray"].output)
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("bug", sorted(EXPECTED))
+def test_injected_bug_is_visible(rpal_kernel: Path, runs_dir: Path, bug: str):
+    workload, pattern = EXPECTED[bug]
+    found, text = run_workloads(rpal_kernel, [workload], bugs=bug)
+    o = found[workload]
+    assert o.status != 0, f"{workload} passed with rpal.bug={bug}:\n{o.output}"
+    assert re.search(pattern, o.output, re.M), f"{pattern!r} not in:\n{o.output}"
+    consoles = [d / "console.log" for d in runs_dir.iterdir() if (d / "console.log").is_file()]
+    assert any(f"rpal: injected bug: {bug}" in c.read_text(errors="replace") for c in consoles)
+
+
+@pytest.mark.vm
+def test_skip_peer_flush_seen_with_4level_paging(rpal_kernel: Path, runs_dir: Path):
+    found, _ = run_workloads(rpal_kernel, ["stale"], bugs="skip_peer_flush", paging=4)
+    assert found["stale"].status == 1
+    assert re.search(EXPECTED["skip_peer_flush"][1], found["stale"].output, re.M)
+
+
+@pytest.mark.vm
+def test_several_bugs_at_once(rpal_kernel: Path, runs_dir: Path):
+    found, _ = run_workloads(rpal_kernel, ["pair", "same"], bugs="pkru_open,same_pkey")
+    assert re.search(EXPECTED["pkru_open"][1], found["pair"].output, re.M)
+    assert re.search(EXPECTED["same_pkey"][1], found["same"].output, re.M)
+
+
+def test_guest_script_and_parser_agree():
+    s = guest_script(["pair", "stale"])
+    assert "tb-rpal_pair 2>&1" in s and 'echo "@@@ end stale $?"' in s
+    fake = "@@@ begin pair\nA: ok x: y\n@@@ end pair 0\n@@@ begin stale\nprobe: FAIL remap: 3\n@@@ end stale 1\n"
+    got = parse(fake)
+    assert got["pair"].status == 0 and "A: ok x" in got["pair"].output
+    assert got["stale"].status == 1 and "FAIL remap" in got["stale"].output
