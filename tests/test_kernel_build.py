@@ -418,6 +418,16 @@ def test_explain_mismatches_one_line_each(tmp_path: Path) -> None:
         "CONFIG_PKU=y (from inline), final value n")
 
 
+def test_unknown_options_skipped_only_for_tolerant_fragments(tmp_path: Path) -> None:
+    idx = kconfig.KconfigIndex.load(synthetic_kconfig(tmp_path / "src"))
+    mism = [kconfig.Mismatch("CONFIG_MITIGATION_PAGE_TABLE_ISOLATION", "y", "n", "/k/base.config"),
+            kconfig.Mismatch("CONFIG_PKU", "y", "n", "/k/base.config"),
+            kconfig.Mismatch("CONFIG_TYPO", "y", "n", "user.config")]
+    kept, skipped = kconfig.split_unknown(mism, idx, ["/k/base.config"])
+    assert [m.symbol for m in skipped] == ["CONFIG_MITIGATION_PAGE_TABLE_ISOLATION"]
+    assert [m.symbol for m in kept] == ["CONFIG_PKU", "CONFIG_TYPO"]
+
+
 @pytest.mark.parametrize(
     ("expr", "value"),
     [("A", 2), ("!A", 0), ("A && B", 0), ("A || B", 2), ("M", 1), ("A && M", 1),

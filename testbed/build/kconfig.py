@@ -390,16 +390,34 @@ class _ExprParser:
         return self.config.get(f"CONFIG_{tok}", "n").strip('"')
 
 
+def split_unknown(mismatches: Iterable[Mismatch], index: KconfigIndex,
+                  tolerant: Iterable[str]) -> tuple[list[Mismatch], list[Mismatch]]:
+    """(kept, skipped): options requested by a ``tolerant`` fragment that this tree's
+    Kconfig does not define at all are skipped. base.config is tolerant: it names the
+    options of several kernel generations (e.g. PAGE_TABLE_ISOLATION on 6.1 and
+    MITIGATION_PAGE_TABLE_ISOLATION from 6.9 on). Any other fragment's unknown option
+    is an error (a typo, or a series that does not add what it claims)."""
+    names = set(tolerant)
+    kept: list[Mismatch] = []
+    skipped: list[Mismatch] = []
+    for mm in mismatches:
+        unknown = mm.symbol.removeprefix("CONFIG_") not in index.defs
+        (skipped if unknown and mm.fragment in names else kept).append(mm)
+    return kept, skipped
+
+
 def explain_mismatches(mismatches: Iterable[Mismatch], srctree: Path,
-                       final: Mapping[str, str], arch: str = "x86") -> list[str]:
+                       final: Mapping[str, str], arch: str = "x86",
+                       index: KconfigIndex | None = None) -> list[str]:
     """One line per option that did not stick, with its unmet dependency where known."""
     items = list(mismatches)
     if not items:
         return []
-    try:
-        index: KconfigIndex | None = KconfigIndex.load(srctree, arch=arch)
-    except OSError:
-        index = None
+    if index is None:
+        try:
+            index = KconfigIndex.load(srctree, arch=arch)
+        except OSError:
+            index = None
     lines = []
     for mm in items:
         why = index.explain(mm.symbol, mm.requested, final) if index else "reason unknown"

@@ -276,8 +276,16 @@ def configure(src: Path, obj: Path, fragments: Sequence[kconfig.Fragment], *, lo
     if missed:  # our check is stricter (e.g. =n vs absent); note where the two disagree
         with log.open("a") as fh:
             fh.write(f"# testbed: merge_config.sh did not report {', '.join(missed)}\n")
+    if not mismatches:
+        return final
+    index = kconfig.KconfigIndex.load(src)
+    mismatches, skipped = kconfig.split_unknown(mismatches, index, [str(kconfig.BASE_FRAGMENT)])
+    if skipped:
+        with log.open("a") as fh:
+            fh.write("# testbed: not defined in this tree, skipped (base.config names options "
+                     f"of several kernel versions): {', '.join(m.symbol for m in skipped)}\n")
     if mismatches:
-        lines = kconfig.explain_mismatches(mismatches, src, final)
+        lines = kconfig.explain_mismatches(mismatches, src, final, index=index)
         with log.open("a") as fh:
             fh.writelines(f"# testbed: {ln}\n" for ln in lines)
         more = f" (and {len(lines) - 1} more, see {log})" if len(lines) > 1 else ""
@@ -290,6 +298,46 @@ def configure(src: Path, obj: Path, fragments: Sequence[kconfig.Fragment], *, lo
 # Object folders kept per base tree (one per distinct set of config fragments);
 # the least recently used beyond this are deleted (each is 1-2 GB with DWARF).
 KEEP_BUILD_TREES = 3
+
+
+def _seed_build_tree(origin: Path, obj: Path, log: Path, progress: Progress) -> str:
+    """Start a new object folder as a copy of the most recently used one of the same base.
+
+    Kbuild tracks each object's command line and its dependencies on single config
+    symbols (fixdep), so after the new config only what it changes is rebuilt; a new
+    config on a known base is an incremental build, not a cold one. The host tools
+    under ``tools/`` (objtool, resolve_btfids) record absolute paths of their folder in
+    their .cmd/.d files: those are rewritten to the new folder, keeping their times
+    (every kernel object depends on the objtool binary: rebuilding it would rebuild all).
+    """
+    donors = sorted((d for d in origin.glob("obj-*") if d != obj and (d / "vmlinux").is_file()),
+                    key=lambda d: d.stat().st_mtime, reverse=True)
+    if not donors:
+        return ""
+    donor = donors[0]
+    progress.update(f"seeding build tree from {donor.name}", force=True)
+    tmp = obj.with_name(obj.name + ".seeding")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    if obj.exists():
+        shutil.rmtree(obj)
+    run_logged(["cp", "-a", "--reflink=auto", str(donor), str(tmp)], cwd=origin, log=log,
+               progress=progress, what="seed build tree")
+    _relocate_tool_records(tmp / "tools", str(donor), str(obj))
+    tmp.rename(obj)
+    return donor.name
+
+
+def _relocate_tool_records(tools: Path, old: str, new: str) -> None:
+    old_b, new_b = old.encode(), new.encode()
+    for f in tools.rglob("*"):
+        if f.suffix not in (".cmd", ".d") or not f.is_file():
+            continue
+        data = f.read_bytes()
+        if old_b in data:
+            st = f.stat()
+            f.write_bytes(data.replace(old_b, new_b))
+            os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def _prune_build_trees(origin: Path, keep: int) -> None:
@@ -362,6 +410,9 @@ def _build_locked(base: BaseSource, ser: Series, fragments: list[kconfig.Fragmen
     head = apply_series(src, base_commit, ser)
     kver = kernel_version(src)
     obj = origin / f"obj-{_config_id(base, fragments, toolchain)}"
+    seeded_from = ""
+    if not (obj / "vmlinux").is_file():
+        seeded_from = _seed_build_tree(origin, obj, log, progress)
     incremental = (obj / "vmlinux").is_file()
     obj.mkdir(parents=True, exist_ok=True)
     os.utime(obj)  # most recently used; see _prune_build_trees
@@ -402,6 +453,7 @@ def _build_locked(base: BaseSource, ser: Series, fragments: list[kconfig.Fragmen
         "toolchain": toolchain,
         "pipeline": PIPELINE_VERSION,
         "incremental": incremental,
+        "seeded_from": seeded_from,
         "make_seconds": round(make_seconds, 1),
         "total_seconds": round(seconds, 1),
         "jobs": jobs,
