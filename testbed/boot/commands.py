@@ -90,12 +90,16 @@ def boot_with_progress(m: Machine) -> None:
 
 
 def _terminate_on_signals() -> None:
-    """SIGTERM/SIGHUP unwind like Ctrl-C, so every guest is stopped and cleaned up."""
+    """SIGINT/SIGTERM/SIGHUP unwind like Ctrl-C, so every guest is stopped and cleaned up.
+
+    SIGINT too: a process started in the background by a non-interactive shell
+    (as CI runners do) inherits SIGINT ignored, and Python then leaves it so.
+    """
 
     def handler(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, handler)
 
 
