@@ -1,0 +1,192 @@
+"""`testbed run` (the main job) and `testbed matrix` (every injected bug against every check)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from testbed import paths
+from testbed.boot.commands import _terminate_on_signals
+from testbed.boot.kernelimage import inspect_kernel
+from testbed.boot.machine import resolve_accel
+from testbed.build.initramfs import ImageSpec, build_image
+from testbed.check.model import ScenarioResult
+from testbed.check.rpal import CHECKS
+from testbed.errors import TestbedError
+from testbed.progress import Progress
+from testbed.report.common import RunMeta
+from testbed.runner import GuestSpec, default_parallel, run_all
+from testbed.scenarios import BUGS, SCENARIOS, select
+
+DEFAULT_SERIES = "rpal-ref"
+
+
+def guest_spec(args: argparse.Namespace) -> tuple[GuestSpec, dict[str, float]]:
+    """Kernel (built or cached reference kernel unless --kernel), image and accelerator."""
+    timings: dict[str, float] = {}
+    t0 = time.monotonic()
+    if args.kernel is not None:
+        kernel = args.kernel
+    else:
+        from testbed.build.kernel import build_kernel
+
+        kernel = build_kernel(series=DEFAULT_SERIES).bzimage
+    timings["kernel"] = round(time.monotonic() - t0, 2)
+    info = inspect_kernel(kernel)
+    t0 = time.monotonic()
+    image = build_image(ImageSpec(kernel=info))
+    timings["image"] = round(time.monotonic() - t0, 2)
+    accel = resolve_accel(args.accel, args.paging, kernel, image.path)
+    print(f"testbed: {accel.describe()}", file=sys.stderr)
+    spec = GuestSpec(kernel=kernel, initrd=image.path, accel=accel, paging=args.paging,
+                     pti=args.pti, append=args.append)
+    return spec, timings
+
+
+def _meta(spec: GuestSpec, bugs: tuple[str, ...], started: float, timings: dict[str, float],
+          results: list[ScenarioResult]) -> RunMeta:
+    osrel = next((s["kernel"]["osrelease"] for r in results for s in r.snapshots.values()), "")
+    return RunMeta(
+        kernel=str(spec.kernel), osrelease=osrel, bugs=bugs, accel=spec.accel.describe(),
+        started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        seconds=round(time.time() - started, 1), timings=timings,
+        extra={"paging": spec.paging, "pti": spec.pti},
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from testbed.report.html import write_html
+    from testbed.report.jsonreport import write_json
+    from testbed.report.junit import write_junit
+    from testbed.report.summary import print_summary
+
+    _terminate_on_signals()
+    started = time.time()
+    scenarios = select(args.scenario)
+    bugs = tuple(args.bug or ())
+    unknown = [b for b in bugs if b not in BUGS]
+    if unknown:
+        raise TestbedError(f"unknown bug {', '.join(unknown)}: choose from {', '.join(BUGS)}")
+    spec, timings = guest_spec(args)
+    parent = args.run_dir or paths.new_run_dir("run")
+    parent.mkdir(parents=True, exist_ok=True)
+    prog = Progress("run")
+    prog.update(f"{len(scenarios)} scenario(s) on {args.parallel} guest(s) at a time", force=True)
+    t0 = time.monotonic()
+    results = run_all([(sc, bugs) for sc in scenarios], spec, parent, args.parallel)
+    timings["scenarios"] = round(time.monotonic() - t0, 2)
+    prog.done()
+    meta = _meta(spec, bugs, started, timings, results)
+    print_summary(results, meta)
+    outputs = {"junit": args.junit, "json": args.json, "html": args.html}
+    for kind, path in outputs.items():
+        if path is None:
+            path = parent / f"report.{'xml' if kind == 'junit' else kind}"
+        {"junit": write_junit, "json": write_json, "html": write_html}[kind](results, path, meta)
+        print(f"{kind}: {path}")
+    print(f"run folder: {parent}")
+    return 0 if all(r.passed for r in results) else 1
+
+
+def matrix_rows(per_bug: dict[str, list[list[ScenarioResult]]], checks: list[str]
+                ) -> tuple[list[dict[str, Any]], list[str]]:
+    """Cells of the matrix and the problems (false alarms, uncaught bugs). Pure."""
+    rows, problems = [], []
+    for bug, reps in per_bug.items():
+        failed = [set().union(*(r.failed_checks() for r in rep)) for rep in reps]
+        cells = {}
+        for c in checks:
+            n = sum(c in f for f in failed)
+            named = "*" if bug and bug in CHECKS[c].bugs else ""
+            cells[c] = (f"FAIL{named}" if n == len(reps) else f"FAIL {n}/{len(reps)}{named}"
+                        if n else ("-" + named if named else "-"))
+        other = sorted(set().union(*failed) - set(checks))
+        if not bug:
+            bad = sorted(set().union(*failed))
+            verdict = "ok" if not bad else f"FALSE ALARM: {', '.join(bad)}"
+            if bad:
+                problems.append(f"the correct kernel failed {', '.join(bad)}")
+        else:
+            caught = [all(any(c in f and bug in CHECKS[c].bugs for c in checks) for f in failed)]
+            verdict = "caught" if all(caught) else "NOT CAUGHT"
+            if not all(caught):
+                problems.append(f"{bug} not caught by a check named for it in every repetition")
+        if other:
+            verdict += f" (also: {', '.join(other)})"
+        rows.append({"bug": bug, "cells": cells, "verdict": verdict})
+    return rows, problems
+
+
+def cmd_matrix(args: argparse.Namespace) -> int:
+    from testbed.report.common import text_env
+
+    _terminate_on_signals()
+    started = time.time()
+    scenarios = select(args.scenario)
+    bugs = [""] + list(args.bug or BUGS)
+    spec, timings = guest_spec(args)
+    parent = args.run_dir or paths.new_run_dir("matrix")
+    parent.mkdir(parents=True, exist_ok=True)
+    jobs = [(sc, (b,) if b else ()) for _ in range(args.repeat) for b in bugs for sc in scenarios]
+    prog = Progress("matrix")
+    prog.update(f"{len(jobs)} guests, {args.parallel} at a time", force=True)
+    results = run_all(jobs, spec, parent, args.parallel)
+    prog.done()
+    per_bug: dict[str, list[list[ScenarioResult]]] = {b: [] for b in bugs}
+    i = 0
+    for _ in range(args.repeat):
+        for b in bugs:
+            per_bug[b].append(results[i:i + len(scenarios)])
+            i += len(scenarios)
+    checks = list(CHECKS)
+    rows, problems = matrix_rows(per_bug, checks)
+    text = text_env().get_template("matrix.txt.j2").render(
+        rows=rows, checks=checks, repeat=args.repeat, ok=not problems, problems=problems,
+        seconds=time.time() - started,
+    )
+    sys.stdout.write(text)
+    doc = {
+        "schema": "testbed.matrix", "schema_version": 1, "repeat": args.repeat,
+        "scenarios": [s.name for s in scenarios], "checks": checks, "rows": rows,
+        "problems": problems, "seconds": round(time.time() - started, 1),
+        "runs": [{"scenario": r.scenario, "bugs": list(r.bugs), "run_dir": r.run_dir,
+                  "failed_checks": sorted(r.failed_checks()), "error": r.error} for r in results],
+    }
+    out = args.json or parent / "matrix.json"
+    Path(out).write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"json: {out}\nrun folder: {parent}")
+    return 0 if not problems else 1
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("scenario", nargs="*", help=f"scenarios (default all: {', '.join(SCENARIOS)})")
+    p.add_argument("--kernel", type=Path,
+                   help=f"bzImage with vmlinux or System.map beside it (default: the "
+                        f"{DEFAULT_SERIES} reference kernel, built or from the cache)")
+    p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
+    p.add_argument("--paging", type=int, choices=(4, 5), default=5)
+    p.add_argument("--pti", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--append", default="", help="extra kernel command line")
+    p.add_argument("--parallel", type=int, default=default_parallel(), metavar="N",
+                   help="guests at a time (default: CPUs, at most 4)")
+    p.add_argument("--run-dir", type=Path, help="parent folder of the scenarios' run folders")
+    p.add_argument("--bug", action="append", choices=BUGS, metavar="NAME",
+                   help=f"boot with this injected bug (repeatable): {', '.join(BUGS)}")
+    p.add_argument("--json", type=Path, metavar="FILE", help="JSON report")
+
+
+def add_parsers(sub: Any) -> None:
+    p = sub.add_parser("run", help="verify RPAL: scenarios, snapshots, checks, reports")
+    _common(p)
+    p.add_argument("--junit", type=Path, metavar="FILE", help="JUnit XML report")
+    p.add_argument("--html", type=Path, metavar="FILE", help="HTML report with the slot picture")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("matrix", help="run every scenario with no bug and with each injected bug")
+    _common(p)
+    p.add_argument("--repeat", type=int, default=1, metavar="N", help="repetitions (flakes)")
+    p.set_defaults(func=cmd_matrix)

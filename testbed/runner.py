@@ -1,0 +1,137 @@
+"""Run scenarios on guests, in parallel, and turn what they show into findings.
+
+`run_scenario` boots one guest for one scenario (with the injected bugs
+asked for), snapshots it at every checkpoint, runs the workloads and checks
+everything; `run_all` runs several in parallel guests.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from testbed import paths
+from testbed.boot.hostcaps import Accel
+from testbed.boot.machine import Checkpoint, Machine, MachineConfig
+from testbed.check.model import Finding, ScenarioResult
+from testbed.check.output import parse_workload_output
+from testbed.check.rpal import check_snapshots
+from testbed.errors import TestbedError
+from testbed.scenarios import Scenario
+from testbed.snapshot.live import LiveSnapshotter, write_snapshot
+from testbed.snapshot.snapshot import Trigger
+
+WORKLOAD_TIMEOUT = 300.0
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    """What every scenario's guest boots with."""
+
+    kernel: Path
+    initrd: Path
+    accel: Accel
+    paging: int = 5
+    pti: str = "auto"
+    mem_mib: int = 512
+    append: str = ""
+    boot_timeout: float = 180.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def guest_script(workloads: tuple[str, ...]) -> str:
+    """Shell that runs each workload and brackets its output and status with markers."""
+    lines = []
+    for i, w in enumerate(workloads):
+        lines += [f"echo '@@@ begin {i}'", f"{w} 2>&1", f"echo \"@@@ end {i} $?\""]
+    return "\n".join(lines)
+
+
+def split_output(text: str, count: int) -> list[tuple[str, int | None]]:
+    """(output, status) of each workload from the bracketed guest output (pure)."""
+    out: list[tuple[str, int | None]] = []
+    for i in range(count):
+        m = re.search(rf"^@@@ begin {i}\n(.*?)^@@@ end {i} (\d+)$", text, re.S | re.M)
+        if m:
+            out.append((m.group(1), int(m.group(2))))
+        else:
+            start = re.search(rf"^@@@ begin {i}\n", text, re.M)
+            out.append((text[start.end():] if start else "", None))
+    return out
+
+
+def run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], parent: Path
+                 ) -> ScenarioResult:
+    t0 = time.monotonic()
+    tag = "+".join(bugs) if bugs else "nobug"
+    run_dir = paths.new_run_dir(f"{sc.name}-{tag}", parent)
+    append = " ".join(x for x in (spec.append, f"rpal.bug={','.join(bugs)}" if bugs else "") if x)
+    cfg = MachineConfig(
+        kernel=spec.kernel, initrd=spec.initrd, accel=spec.accel, smp=sc.smp,
+        mem_mib=spec.mem_mib, paging=spec.paging, pti=spec.pti, append=append,
+        boot_timeout=spec.boot_timeout,
+    )
+    result = ScenarioResult(sc.name, [], str(run_dir), bugs)
+    snapshots: list[dict[str, Any]] = []
+    snapper: LiveSnapshotter | None = None
+    try:
+        with Machine(cfg, run_dir) as m:
+            assert m.qmp is not None
+            snapper = LiveSnapshotter(m.qmp, m.ram_path, spec.kernel)
+
+            def on_checkpoint(ck: Checkpoint) -> None:
+                assert snapper is not None
+                snap = snapper.capture(ck.name, Trigger(ck.name, ck.pid, ck.tid, dict(ck.facts)))
+                write_snapshot(snap, run_dir / "snapshots", ck.name)
+                snapshots.append(snap)
+
+            m.on_checkpoint = on_checkpoint
+            res = m.run(guest_script(sc.workloads), timeout=WORKLOAD_TIMEOUT, label=sc.name)
+            text = res.stdout.decode(errors="replace")
+            result.output = text
+            for w, (out, status) in zip(sc.workloads, split_output(text, len(sc.workloads)),
+                                        strict=True):
+                result.findings += parse_workload_output(out, scenario=sc.name,
+                                                         workload=w.split()[0], status=status)
+            for entry in m.checkpoint_log:
+                if "error" in entry:
+                    result.findings.append(Finding(
+                        "snapshot", False, f"snapshot at {entry.get('name')} failed: "
+                        f"{entry['error']}", sc.name, str(entry.get("name", "")), error=True,
+                    ))
+    except TestbedError as exc:
+        result.error = exc.one_line()
+    finally:
+        if snapper is not None:
+            snapper.close()
+    result.findings += check_snapshots(snapshots, sc.name)
+    result.snapshots = {s["name"]: s for s in snapshots}
+    result.seconds = round(time.monotonic() - t0, 2)
+    (run_dir / "findings.json").write_text(
+        json.dumps([f.to_dict() for f in result.findings], indent=1) + "\n"
+    )
+    return result
+
+
+def run_all(jobs: list[tuple[Scenario, tuple[str, ...]]], spec: GuestSpec, parent: Path,
+            parallel: int) -> list[ScenarioResult]:
+    """Run (scenario, bugs) jobs on `parallel` guests at a time; results in job order."""
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        futures = [pool.submit(run_scenario, sc, spec, bugs, parent) for sc, bugs in jobs]
+        return [f.result() for f in futures]
+
+
+def default_parallel() -> int:
+    import os
+
+    return max(1, min(4, (os.cpu_count() or 2)))
+
+
+def describe_bugs(bugs: tuple[str, ...]) -> str:
+    return shlex.quote(",".join(bugs)) if bugs else "none"

@@ -1,0 +1,52 @@
+"""The RPAL scenarios: which workloads a guest runs, and with what, to exercise each invariant.
+
+Each scenario runs on a guest of its own; snapshots are taken at the
+workloads' checkpoints; findings come from the snapshot checks
+(testbed.check.rpal) and from the workloads' verdict lines
+(testbed.check.output).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from testbed.check.rpal import CHECKS
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    title: str
+    workloads: tuple[str, ...]  # guest shell commands, run in order
+    smp: int = 2
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario("phases", "pairing life cycle, snapshot at each phase", ("tb-rpal_phases",)),
+        Scenario("pair", "two services share memory through pointers", ("tb-rpal_pair",)),
+        Scenario("same_pkey", "services with the same pkey must not pair",
+                 ("tb-rpal_pair --same-pkey",)),
+        Scenario("stale_tlb", "stale-TLB probe while the peer unmaps and re-protects",
+                 ("tb-rpal_stale_probe",)),
+        Scenario("stray", "stray accesses without pairing, pkey faults, the WRPKRU gadget",
+                 ("tb-rpal_stray",)),
+    )
+}
+
+# The injected bugs of the reference kernel (rpal.bug=NAME): each is named by some check.
+BUGS: tuple[str, ...] = tuple(sorted({b for c in CHECKS.values() for b in c.bugs}))
+
+
+def select(names: list[str] | None) -> list[Scenario]:
+    from testbed.errors import TestbedError
+
+    if not names:
+        return list(SCENARIOS.values())
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        raise TestbedError(
+            f"unknown scenario {', '.join(unknown)}: choose from {', '.join(SCENARIOS)}"
+        )
+    return [SCENARIOS[n] for n in names]
