@@ -1,0 +1,233 @@
+"""What every report format shares: run metadata, test cases (finding groups), totals, evidence.
+
+A *case* is what a CI UI shows as one test: the findings of one check at one checkpoint about
+one subject (normally exactly one finding). A scenario that could not run (ScenarioResult.error)
+is one more case, check "scenario", with status "error". The terminal summary, JUnit, JSON and
+HTML all count cases the same way, so their totals agree.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import jinja2
+
+from testbed.check.model import Finding, ScenarioResult
+
+from .text import TEMPLATES
+
+
+@dataclass
+class RunMeta:
+    """Facts about the run as a whole, shown in every report header."""
+
+    kernel: str = ""  # bzImage path or build id
+    osrelease: str = ""  # uname -r of the guest
+    bugs: tuple[str, ...] = ()  # injected bugs (rpal.bug=) of the run
+    accel: str = ""  # kvm / tcg
+    started: str = ""  # ISO 8601 time the run began
+    seconds: float = 0.0  # wall time of the whole run
+    timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds (build, boot...)
+    extra: dict[str, Any] = field(default_factory=dict)  # anything else worth showing
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kernel": self.kernel,
+            "osrelease": self.osrelease,
+            "bugs": list(self.bugs),
+            "accel": self.accel,
+            "started": self.started,
+            "seconds": self.seconds,
+            "timings": dict(self.timings),
+            "extra": dict(self.extra),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RunMeta:
+        return cls(
+            kernel=str(d.get("kernel", "")),
+            osrelease=str(d.get("osrelease", "")),
+            bugs=tuple(d.get("bugs", ())),
+            accel=str(d.get("accel", "")),
+            started=str(d.get("started", "")),
+            seconds=float(d.get("seconds", 0.0)),
+            timings=dict(d.get("timings", {})),
+            extra=dict(d.get("extra", {})),
+        )
+
+
+@dataclass(frozen=True)
+class Case:
+    scenario: str
+    check: str
+    checkpoint: str
+    subject: str
+    findings: tuple[Finding, ...]
+    error_text: str = ""  # only for the "scenario could not run" case
+
+    @property
+    def status(self) -> str:
+        if self.error_text or any(f.error for f in self.findings):
+            return "error"
+        return "pass" if all(f.passed for f in self.findings) else "fail"
+
+    @property
+    def name(self) -> str:
+        """`check[checkpoint] subject`: short, and unique within a scenario."""
+        out = self.check
+        if self.checkpoint:
+            out += f"[{self.checkpoint}]"
+        if self.subject:
+            out += f" {self.subject}"
+        return out
+
+    @property
+    def message(self) -> str:
+        if self.error_text:
+            return self.error_text
+        bad = [f for f in self.findings if f.error or not f.passed] or list(self.findings)
+        return "; ".join(dict.fromkeys(f.message for f in bad))
+
+
+def cases(result: ScenarioResult) -> list[Case]:
+    """The result's findings grouped by (check, checkpoint, subject), in first-seen order."""
+    groups: dict[tuple[str, str, str], list[Finding]] = {}
+    for f in result.findings:
+        groups.setdefault((f.check, f.checkpoint, f.subject), []).append(f)
+    out = [
+        Case(result.scenario, check, cp, subj, tuple(fs))
+        for (check, cp, subj), fs in groups.items()
+    ]
+    if result.error:
+        out.append(Case(result.scenario, "scenario", "", "", (), error_text=result.error))
+    return out
+
+
+@dataclass(frozen=True)
+class Totals:
+    scenarios: int = 0
+    scenarios_failed: int = 0
+    tests: int = 0
+    passed: int = 0
+    failures: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.failures == 0 and self.errors == 0 and self.scenarios_failed == 0
+
+    @property
+    def verdict(self) -> str:
+        return "PASS" if self.ok else "FAIL"
+
+
+def totals(results: Iterable[ScenarioResult]) -> Totals:
+    counts = {"pass": 0, "fail": 0, "error": 0}
+    n = failed = 0
+    seconds = 0.0
+    for r in results:
+        n += 1
+        failed += not r.passed
+        seconds += r.seconds
+        for c in cases(r):
+            counts[c.status] += 1
+    return Totals(
+        scenarios=n,
+        scenarios_failed=failed,
+        tests=sum(counts.values()),
+        passed=counts["pass"],
+        failures=counts["fail"],
+        errors=counts["error"],
+        seconds=seconds,
+    )
+
+
+def case_counts(result: ScenarioResult) -> dict[str, int]:
+    counts = {"pass": 0, "fail": 0, "error": 0}
+    for c in cases(result):
+        counts[c.status] += 1
+    return counts
+
+
+# Evidence keys a reader looks at first (the slot-copy and TLB checks name these).
+_FIRST = (
+    "pid", "peer_pid", "slot", "expected_table", "actual_table", "expected", "actual",
+    "cpu", "tlb_gen", "mm_tlb_gen", "address", "pkey", "pkru",
+)
+
+
+def ordered_evidence(evidence: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    first = [(k, evidence[k]) for k in _FIRST if k in evidence]
+    return first + [(k, v) for k, v in evidence.items() if k not in _FIRST]
+
+
+def short_value(v: Any, limit: int = 60) -> str:
+    if isinstance(v, str):
+        s = v
+    else:
+        s = json.dumps(v, default=json_default, separators=(",", ":"))
+    s = printable(s)
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+def compact_evidence(evidence: Mapping[str, Any], width: int = 200) -> str:
+    """`k=v k=v ...` on one line of at most `width` characters, most telling keys first."""
+    parts = [f"{k}={short_value(v)}" for k, v in ordered_evidence(evidence)]
+    out = ""
+    for i, p in enumerate(parts):
+        cand = p if not out else f"{out} {p}"
+        if len(cand) > width:
+            rest = len(parts) - i
+            return f"{out} (+{rest} more)" if out else p[: width - 1] + "…"
+        out = cand
+    return out
+
+
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """One line, with control characters (terminal escapes from guest output) shown as \\xNN."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", " ".join(text.split()))
+
+
+def pretty_evidence(evidence: Mapping[str, Any]) -> str:
+    return json.dumps(dict(ordered_evidence(evidence)), indent=2, default=json_default)
+
+
+def json_default(o: Any) -> Any:
+    """JSON for what evidence may hold besides plain values: sets, bytes, dataclasses."""
+    if isinstance(o, set | frozenset):
+        return sorted(o, key=str)
+    if isinstance(o, bytes | bytearray):
+        return o.hex()
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    return str(o)
+
+
+def text_env() -> jinja2.Environment:
+    """Plain-text templates (no escaping: the terminal is not a browser)."""
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+
+
+def html_env() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,
+        autoescape=True,
+    )

@@ -1,0 +1,125 @@
+"""JUnit XML for CI: one <testsuite> per scenario, one <testcase> per (check, checkpoint, subject).
+
+Testcase name `check[checkpoint] subject`, classname `scenario.check` (CI UIs group by class).
+A failing case has <failure message=... type=check> whose text is the message and the evidence;
+an error finding, or a scenario that could not run (testcase "scenario"), has <error>. The guest
+output of the scenario is the suite's <system-out>.
+
+This is the one report not rendered with jinja2: XML needs attribute and text escaping (and
+characters XML 1.0 forbids removed) that xml.etree.ElementTree does right, so it is built as a
+tree instead of being templated.
+"""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from pathlib import Path
+
+from testbed.check.model import ScenarioResult
+
+from .common import Case, RunMeta, cases, pretty_evidence, totals
+
+# XML 1.0 allows tab, LF, CR and everything from 0x20 except surrogates and U+FFFE/U+FFFF.
+# Guest console output has ESC (colours) and sometimes NUL; ElementTree would write them as
+# they are and produce a file no parser accepts.
+_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def xml_safe(text: str) -> str:
+    """`text` with the characters XML 1.0 cannot carry shown as \\xNN."""
+    return _FORBIDDEN.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def _case_text(case: Case) -> str:
+    parts = []
+    for f in case.findings:
+        if f.passed and not f.error:
+            continue
+        parts.append(f"{f.status.upper()}: {f.message}")
+        if f.evidence:
+            parts.append(pretty_evidence(f.evidence))
+    if case.error_text:
+        parts.append(case.error_text)
+    return xml_safe("\n".join(parts))
+
+
+def _properties(parent: ET.Element, props: dict[str, str]) -> None:
+    props = {k: v for k, v in props.items() if v}
+    if not props:
+        return
+    el = ET.SubElement(parent, "properties")
+    for k, v in props.items():
+        ET.SubElement(el, "property", name=xml_safe(k), value=xml_safe(v))
+
+
+def junit_tree(results: Sequence[ScenarioResult], meta: RunMeta | None = None) -> ET.Element:
+    meta = meta or RunMeta()
+    t = totals(results)
+    root = ET.Element(
+        "testsuites",
+        name="testbed",
+        tests=str(t.tests),
+        failures=str(t.failures),
+        errors=str(t.errors),
+        time=f"{meta.seconds or t.seconds:.3f}",
+    )
+    for r in results:
+        cs = cases(r)
+        suite = ET.SubElement(
+            root,
+            "testsuite",
+            name=xml_safe(r.scenario),
+            tests=str(len(cs)),
+            failures=str(sum(c.status == "fail" for c in cs)),
+            errors=str(sum(c.status == "error" for c in cs)),
+            skipped="0",
+            time=f"{r.seconds:.3f}",
+        )
+        if meta.started:
+            suite.set("timestamp", meta.started)
+        _properties(
+            suite,
+            {
+                "kernel": meta.kernel,
+                "osrelease": meta.osrelease,
+                "accel": meta.accel,
+                "bugs": ",".join(r.bugs or meta.bugs),
+                "run_dir": r.run_dir,
+            },
+        )
+        for c in cs:
+            case = ET.SubElement(
+                suite,
+                "testcase",
+                name=xml_safe(c.name),
+                classname=xml_safe(f"{r.scenario}.{c.check}"),
+                time=f"{r.seconds:.3f}" if c.error_text else "0.000",
+            )
+            if c.status == "pass":
+                continue
+            el = ET.SubElement(
+                case,
+                "error" if c.status == "error" else "failure",
+                message=xml_safe(" ".join(c.message.split())),
+                type=xml_safe(c.check),
+            )
+            el.text = _case_text(c)
+        if r.output:
+            ET.SubElement(suite, "system-out").text = xml_safe(r.output)
+    return root
+
+
+def render_junit(results: Sequence[ScenarioResult], meta: RunMeta | None = None) -> str:
+    root = junit_tree(results, meta)
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+def write_junit(
+    results: Sequence[ScenarioResult], path: str | Path, meta: RunMeta | None = None
+) -> Path:
+    p = Path(path)
+    p.write_text(render_junit(results, meta), encoding="utf-8")
+    return p
