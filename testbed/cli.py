@@ -26,6 +26,9 @@ def _registrars() -> list[Registrar]:
     from testbed.snapshot import commands as snapshot_commands
 
     regs.append(snapshot_commands.add_parser)
+    from testbed.check import selftests
+
+    regs.append(selftests.add_parser)
     from testbed import run_commands
 
     regs.append(run_commands.add_parsers)
