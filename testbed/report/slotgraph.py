@@ -100,6 +100,7 @@ class TableNode:
     shared: bool
     cls: str = "table"  # table | shared | orphan | expected
     note: str = ""  # replaces the owner line
+    line2: str = ""  # what the box shows under the address (owner, users, or the note)
     should: str = ""  # third line, red: entries that should point here but do not
     h: float = TABLE_H
 
@@ -223,6 +224,12 @@ def _proc_label(mm: Mapping[str, Any], tasks: Mapping[int, Mapping[str, Any]]) -
     return comm, int(leader) if leader is not None else -1
 
 
+def fit(text: str, width: float, px_per_char: float = 6.9) -> str:
+    """`text` cut with an ellipsis to about `width` pixels of 12 px sans-serif."""
+    n = max(int(width / px_per_char), 4)
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
 def _curve(x1: float, y1: float, x2: float, y2: float) -> str:
     dx = (x2 - x1) / 2
     return f"M{x1:.1f},{y1:.1f} C{x1 + dx:.1f},{y1:.1f} {x2 - dx:.1f},{y2:.1f} {x2:.1f},{y2:.1f}"
@@ -263,7 +270,7 @@ def _view(
         if kernel_tables is not None:
             all_slots |= {s for (j, s) in kernel_tables if j == i}
         node = ProcNode(
-            label=comm,
+            label=fit(comm, PROC_W - 24, 8.5),
             sublabel=f"pid {pid}" + (f" · {len(mm['tasks'])} threads" if len(
                 mm.get("tasks", [])) > 1 else ""),
             x=PROC_X, y=y, h=0, pids=sorted(mm.get("tasks", [])),
@@ -274,13 +281,14 @@ def _view(
             fl = flags.get((i, root, slot), [])
             table = _norm_hex(e.get("table")) if e else None
             marker = bool(e.get("marker")) if e else False
+            if kernel_tables is not None and (i, slot) in kernel_tables and e is None:
+                differences += 1  # (an entry only in the user root counts below)
             if e is None and not fl:
                 # only in the kernel root (user view of a PTI kernel): the mirror lacks it
                 kt = (kernel_tables or {}).get((i, slot))
                 ent = EntryNode(slot, ENTRY_X, ey, None, cls="mismatch",
                                 badge="not in user root",
                                 title=f"slot {slot}: kernel root points at {kt}, user root: none")
-                differences += 1
                 node.entries.append(ent)
                 ey += ROW_H
                 continue
@@ -334,7 +342,12 @@ def _view(
     for ent, t, _check, who in expected_edges:
         wanted.setdefault(t, []).append(ent.cy)
         should.setdefault(t, []).append(f"{who}'s slot {ent.slot}")
-    order = sorted(wanted, key=lambda t: (sum(wanted[t]) / len(wanted[t]), t))
+    owner_y = {
+        t: ent.cy for t, es in entries_of.items() for ent, _ in es if not ent.marker
+    }
+    order = sorted(
+        wanted, key=lambda t: (owner_y.get(t, sum(wanted[t]) / len(wanted[t])), t)
+    )
     tables: list[TableNode] = []
     by_table: dict[str, TableNode] = {}
     ty: float = PAD
@@ -346,15 +359,24 @@ def _view(
             shared=len(users_idx) > 1,
         )
         if t in should:
-            node_t.should = "✗ should be pointed at by " + ", ".join(should[t])
+            node_t.should = "✗ " + ", ".join(should[t]) + " should point here"
             node_t.h += TABLE_LINE
-        node_t.y = max(sum(wanted[t]) / len(wanted[t]) - node_t.h / 2, ty)
+        # next to its owner's own entry (a near-level solid arrow), else amid its users
+        anchor = owner_y.get(t, sum(wanted[t]) / len(wanted[t]))
+        node_t.y = max(anchor - node_t.h / 2, ty)
         if t not in entries_of:
             node_t.cls, node_t.note = "expected", "no entry points here"
         elif not node_t.owner:
             node_t.cls, node_t.note = "orphan", "no owner entry: only copies point here"
         elif node_t.shared:
             node_t.cls = "shared"
+        if node_t.note:
+            node_t.line2 = node_t.note
+        else:
+            used = ", ".join(users) if len(users) <= 2 else f"{len(users)} processes"
+            node_t.line2 = node_t.owner + (f" · used by {used}" if users else "")
+        node_t.line2 = fit(node_t.line2, TABLE_W - 20)
+        node_t.should = fit(node_t.should, TABLE_W - 20, 7.4)
         tables.append(node_t)
         by_table[t] = node_t
         ty = node_t.y + node_t.h + TABLE_GAP
