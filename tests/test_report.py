@@ -416,3 +416,22 @@ def test_html_pti_toggle() -> None:
 def test_html_all_pass_verdict() -> None:
     page = html.render_html([good_result()], META)
     assert '<header class="top pass">' in page and ": PASS</h1>" in page
+
+
+def test_slot_figure_roles_from_facts_and_ordinary_processes_hidden() -> None:
+    snap = snapshot("paired")
+    snap["trigger"]["facts"] = {"A.pid": "101", "A.id": "0", "A.pkey": "1", "B.pid": "102"}
+    # an ordinary PIE process (sshd): image in slot 172, libraries 254, stack 255
+    snap["mms"].append({"address": "0xffff888003300000", "tasks": [49],
+                        "slots": [_slot(172, "0x5000000"), _slot(254, "0x5001000"),
+                                  _slot(255, "0x5002000")]})
+    snap["tasks"].append(_task(49, "dropbear", "0xffff888003300000"))
+    fig = slotgraph.slot_figure(snap)
+    procs = fig.views[0].procs
+    assert [p.label for p in procs] == ["A · svc_a", "B · svc_b"]
+    assert procs[0].sublabel == "pid 101 · id 0 · pkey 1"
+    assert fig.hidden == ["init (pid 1)", "dropbear (pid 49)"]
+    assert {t.owner for t in fig.views[0].tables} == {"A's slot 1", "B's slot 2"}
+    # facts as KEY=VALUE strings (SNAPSHOT-SCHEMA.md) work too
+    snap["trigger"]["facts"] = ["A.pid=101", "B.pid=102"]
+    assert slotgraph.roles(snap) == {101: {"role": "A"}, 102: {"role": "B"}}

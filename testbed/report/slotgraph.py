@@ -8,10 +8,11 @@ entry to the table it points at. Own entries are solid blue, borrowed copies (`m
 dashed orange; a table pointed at by two or more processes is drawn as shared (green). With PTI
 a second view shows the user root (`mms[].user_slots[]`).
 
-Which processes are drawn: those with an entry in the service slot range (1..254), a marked
-entry, a table shared with another process, or named by a finding. Ordinary processes (slots 0
-and 255 only: init, the shell, the agent) are listed under the picture, not drawn, unless
-`all_processes`.
+Which processes are drawn: those the checkpoint's facts name (`A.pid=54`: drawn as "A · comm"
+with its id, pkey and key), those with a marked entry, a table shared with another process, or
+named by a finding, and those with an entry in the service slot range (1..254) but none in slot
+255 (where an ordinary process has its stack). Ordinary processes (init, the shell, sshd) are
+listed under the picture, not drawn, unless `all_processes`.
 
 Evidence keys a check sets so that its finding is drawn on the picture (failing and error
 findings of the same checkpoint; the slot-copy checks in testbed/check/ use these names):
@@ -38,6 +39,7 @@ from typing import Any
 from testbed.check.model import Finding
 
 SERVICE_SLOTS = range(1, 255)  # slot = id + 1, ids 0..253
+ORDINARY_STACK_SLOT = 255  # top of the 47-bit user space: where a non-RPAL process has its stack
 
 # Geometry (px).
 PAD = 16
@@ -214,6 +216,35 @@ def _valid_slots(mm: Mapping[str, Any], key: str) -> tuple[list[dict[str, Any]],
     return good, errors
 
 
+def roles(snapshot: Mapping[str, Any]) -> dict[int, dict[str, str]]:
+    """pid -> {"role": "A", "id": ..., "pkey": ..., "key": ...} from the checkpoint's facts
+    (`A.pid=54 A.id=2 ...`, as the RPAL workloads pass them)."""
+    trig = snapshot.get("trigger") or {}
+    raw = trig.get("facts") or {}
+    facts: dict[str, str] = {}
+    if isinstance(raw, Mapping):
+        facts = {str(k): str(v) for k, v in raw.items()}
+    else:
+        for x in raw:
+            k, sep, v = str(x).partition("=")
+            if sep:
+                facts[k] = v
+    out: dict[int, dict[str, str]] = {}
+    for k, v in facts.items():
+        role, dot, attr = k.rpartition(".")
+        if dot and attr == "pid" and role:
+            try:
+                pid = int(v)
+            except ValueError:
+                continue
+            info = {"role": role}
+            for a in ("id", "pkey", "key"):
+                if f"{role}.{a}" in facts:
+                    info[a] = facts[f"{role}.{a}"]
+            out[pid] = info
+    return out
+
+
 def _proc_label(mm: Mapping[str, Any], tasks: Mapping[int, Mapping[str, Any]]) -> tuple[str, int]:
     pids = sorted(mm.get("tasks", []))
     leader = next((p for p in pids if tasks.get(p, {}).get("tgid") == p), None)
@@ -251,6 +282,7 @@ def _view(
     mms: list[dict[str, Any]],
     shown: list[int],
     labels: dict[int, tuple[str, int]],
+    titles: Mapping[int, tuple[str, str]],
     flags: Mapping[tuple[int, str, int], list[_Flag]],
     kernel_tables: Mapping[tuple[int, int], str] | None,
 ) -> View:
@@ -269,10 +301,14 @@ def _view(
         all_slots = set(by_slot) | {s for (j, r, s) in flags if j == i and r == root}
         if kernel_tables is not None:
             all_slots |= {s for (j, s) in kernel_tables if j == i}
+        title, extra = titles[i]
+        nthreads = len(mm.get("tasks", []))
         node = ProcNode(
-            label=fit(comm, PROC_W - 24, 8.5),
-            sublabel=f"pid {pid}" + (f" · {len(mm['tasks'])} threads" if len(
-                mm.get("tasks", [])) > 1 else ""),
+            label=fit(title, PROC_W - 24, 8.5),
+            sublabel=" · ".join(
+                x for x in (f"pid {pid}", extra, f"{nthreads} threads" if nthreads > 1 else "")
+                if x
+            ),
             x=PROC_X, y=y, h=0, pids=sorted(mm.get("tasks", [])),
         )
         ey = y + HEADER_H
@@ -429,6 +465,17 @@ def slot_figure(
     pti = any("user_slots" in m for m in mms)
 
     labels = {i: _proc_label(m, tasks) for i, m in enumerate(mms)}
+    role_of = roles(snapshot)
+    titles: dict[int, tuple[str, str]] = {}  # i -> (box title, extra sublabel)
+    for i, m in enumerate(mms):
+        comm, pid = labels[i]
+        info = next((role_of[p] for p in [pid, *m.get("tasks", [])] if p in role_of), None)
+        if info:
+            labels[i] = (info["role"], pid)
+            extra = " · ".join(f"{a} {info[a]}" for a in ("id", "pkey", "key") if a in info)
+            titles[i] = (f"{info['role']} · {comm}", extra)
+        else:
+            titles[i] = (comm, "")
     table_users: dict[str, set[int]] = {}
     notes: list[str] = []
     for i, m in enumerate(mms):
@@ -444,13 +491,18 @@ def slot_figure(
         m = mms[i]
         if any(j == i for (j, _r, _s) in flags):
             return True
-        for key in ("slots", "user_slots"):
-            for e in _valid_slots(m, key)[0]:
-                if e.get("marker") or int(e["slot"]) in SERVICE_SLOTS:
-                    return True
-                if len(table_users.get(_norm_hex(e.get("table")) or "", ())) > 1:
-                    return True
-        return False
+        if any(p in role_of for p in m.get("tasks", [])):
+            return True
+        entries = _valid_slots(m, "slots")[0] + _valid_slots(m, "user_slots")[0]
+        for e in entries:
+            if e.get("marker"):
+                return True
+            if len(table_users.get(_norm_hex(e.get("table")) or "", ())) > 1:
+                return True
+        # a service's entries lie in its slot (1..254); an ordinary process has its stack at
+        # the top of the 47-bit space, slot 255, and its PIE image and libraries anywhere
+        slots = {int(e["slot"]) for e in entries}
+        return bool(slots & set(SERVICE_SLOTS)) and ORDINARY_STACK_SLOT not in slots
 
     shown = [i for i in range(len(mms)) if all_processes or interesting(i)]
 
@@ -461,14 +513,14 @@ def slot_figure(
     shown.sort(key=own_slot)
     hidden = [f"{labels[i][0]} (pid {labels[i][1]})" for i in range(len(mms)) if i not in shown]
 
-    views = [_view("kernel", mms, shown, labels, flags, None)]
+    views = [_view("kernel", mms, shown, labels, titles, flags, None)]
     if pti:
         kernel_tables = {
             (i, int(e["slot"])): _norm_hex(e.get("table")) or ""
             for i in shown
             for e in _valid_slots(mms[i], "slots")[0]
         }
-        views.append(_view("user", mms, shown, labels, flags, kernel_tables))
+        views.append(_view("user", mms, shown, labels, titles, flags, kernel_tables))
     body = max(v.height for v in views)
     flagged = sum(
         1 for p in views[0].procs for e in p.entries if e.cls in ("bad", "missing")
