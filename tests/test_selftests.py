@@ -8,6 +8,7 @@ when that kernel is not in the build cache: the fixture of test_rpal_ref.py).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -376,6 +377,8 @@ def test_protection_keys_passes_on_debian_kernel(runs_dir: Path):
     assert_all_passed(run_testbed("selftest", "--suite", "protection_keys"))
     [run] = list(runs_dir.iterdir())
     assert "done (all tests OK)" in (run / "selftest-protection_keys.log").read_text()
+    facts = json.loads((run / "selftest-protection_keys.json").read_text())
+    assert facts["nr_hugepages"] == "10" and not facts["proc_rpal"]
 
 
 @pytest.mark.vm
@@ -383,7 +386,8 @@ def test_protection_keys_passes_on_rpal_reference_kernel(runs_dir: Path,
                                                          rpal_kernel: Path):  # noqa: F811
     assert_all_passed(run_testbed("selftest", "--kernel", str(rpal_kernel)))
     [run] = list(runs_dir.iterdir())
-    assert str(rpal_kernel) in (run / "machine.json").read_text()
+    facts = json.loads((run / "selftest-protection_keys.json").read_text())
+    assert facts["proc_rpal"], "the guest kernel has no /proc/rpal: not the reference kernel"
 
 
 def test_recorded_data_is_described():

@@ -195,6 +195,9 @@ def _parse_pkeys(text: str, suite: str, names: list[str], iterations: int,
         elif ended_early and not done and i == current:
             why = interrupted or (f"the output ends without '{_PK_DONE}' (exit status "
                                   f"{_status_text(status)})")
+            lines = text.rstrip().splitlines()
+            if lines and not interrupted:
+                why += f"; last output: {lines[-1].strip()[:120]!r}"
             findings.append(finding(
                 name(i), False, f"the suite stopped while this case ran (iteration {cur_iter}):"
                 f" {why}", error=True, iteration=cur_iter, status=status,
@@ -361,6 +364,10 @@ def counts(findings: Sequence[Finding]) -> dict[str, int]:
     return c
 
 
+def result_passed(findings: Sequence[Finding]) -> bool:
+    return all(f.passed and not f.error for f in findings)
+
+
 def exit_status(result: ScenarioResult) -> int:
     """0 all passed, 1 a failure or error, 4 (KSFT_SKIP) when only skips kept it from 0."""
     if not result.passed:
@@ -404,8 +411,9 @@ def run_selftest(m: Any, st: Any, *, timeout: float | None = 1800.0,
 
     scenario = check_name(st.suite)
     prep = m.run("echo 10 > /proc/sys/vm/nr_hugepages 2>/dev/null; "
-                 "cat /proc/sys/vm/nr_hugepages 2>/dev/null; uname -r", timeout=60)
-    prep_out = prep.stdout.decode(errors="replace").split()
+                 "echo $(cat /proc/sys/vm/nr_hugepages 2>/dev/null || echo none) $(uname -r) "
+                 "$(test -e /proc/rpal && echo yes || echo no)", timeout=60)
+    prep_out = (prep.stdout.decode(errors="replace").split() + ["", "", ""])[:3]
     tee = _Tee(echo)
     interrupted = ""
     status: int | None = None
@@ -424,13 +432,21 @@ def run_selftest(m: Any, st: Any, *, timeout: float | None = 1800.0,
         text, suite=st.suite, names=st.tests, iterations=st.iterations, status=status,
         interrupted=interrupted, scenario=scenario,
     )
+    if prep_out[0] == "none" and not result_passed(findings):
+        # protection_keys writes /proc/sys/vm/nr_hugepages in its set-up and exits if it can't
+        findings.insert(0, Finding(
+            scenario, False, "the kernel has no /proc/sys/vm/nr_hugepages (CONFIG_HUGETLBFS is "
+            "off): protection_keys exits in its hugetlb set-up", scenario=scenario,
+            subject="(setup)", error=True, evidence={"guest_release": prep_out[1]},
+        ))
     result = ScenarioResult(scenario, findings, run_dir=str(m.run_dir), seconds=seconds,
                             output=text, error=interrupted)
     (m.run_dir / f"selftest-{st.suite}.log").write_text(text)
     (m.run_dir / f"selftest-{st.suite}.json").write_text(json.dumps({
         "suite": st.suite, "source": st.source, "binary": str(st.binary), "status": status,
         "seconds": round(seconds, 2), "interrupted": interrupted,
-        "nr_hugepages": prep_out[0] if prep_out else "", "guest_release": prep_out[-1:],
+        "nr_hugepages": prep_out[0], "guest_release": prep_out[1],
+        "proc_rpal": prep_out[2] == "yes",
         "findings": [f.to_dict() for f in findings],
     }, indent=1) + "\n")
     return result
