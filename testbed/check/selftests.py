@@ -36,7 +36,6 @@ from typing import Any, BinaryIO
 from testbed.check.model import Finding, ScenarioResult
 from testbed.errors import GuestError, GuestTimeout
 
-GUEST_DIR = "usr/bin"  # where the binary goes in the guest image: tb-selftest-<suite>
 EXIT_SKIP = 4  # kselftest's KSFT_SKIP
 TAIL_LINES = 25  # output lines kept as evidence of a failure
 
@@ -50,7 +49,9 @@ RUN_SCRIPT = "cd /tmp && set -o pipefail && {binary} 2>&1 | cat"
 
 
 def guest_path(suite: str) -> str:
-    return f"/{GUEST_DIR}/tb-selftest-{suite}"
+    """Where the binary goes in the guest: the root folder, so that an archive appended to
+    a user's initrd adds no folder entries (which would replace a symlinked /usr/bin)."""
+    return f"/tb-selftest-{suite}"
 
 
 def check_name(suite: str) -> str:
@@ -467,7 +468,7 @@ def put_in_image(m: Any, st: Any) -> None:
         spec = ImageSpec(kernel=inspect_kernel(m.cfg.kernel), extra_files={where: st.binary})
         m.cfg.initrd = build_image(spec).path
     else:
-        entries = cpio.with_parents([cpio.Entry.file(where, st.binary.read_bytes(), 0o755)])
+        entries = [cpio.Entry.file(where, st.binary.read_bytes(), 0o755)]
         m.cfg.initrd = with_overlay(m.cfg.initrd, entries, m.run_dir / "selftest-initrd.cpio")
 
 
