@@ -372,10 +372,27 @@ def assert_all_passed(res: subprocess.CompletedProcess[str]) -> None:
                     lines[-1])
 
 
+def test_findings_go_into_the_shared_reports():
+    from testbed.report.jsonreport import from_report_dict, report_dict
+    from testbed.report.junit import render_junit
+
+    text = cut_after(PASS_LOG, "test  7 PASSED (iteration 3)")
+    res = ScenarioResult("selftest:protection_keys", pk(text, status=139))
+    xml = render_junit([res])
+    assert xml.count("<testcase ") == 21 and xml.count("<error") == 1
+    assert "test_kernel_write_of_write_disabled_region" in xml
+    _, [back] = from_report_dict(json.loads(json.dumps(report_dict([res]), default=str)))
+    assert [f.subject for f in back.findings] == [f.subject for f in res.findings]
+
+
 @pytest.mark.vm
-def test_protection_keys_passes_on_debian_kernel(runs_dir: Path):
-    assert_all_passed(run_testbed("selftest", "--suite", "protection_keys"))
-    [run] = list(runs_dir.iterdir())
+def test_protection_keys_passes_on_debian_kernel(runs_dir: Path, tmp_path: Path):
+    junit = tmp_path / "selftest.xml"
+    assert_all_passed(run_testbed("selftest", "--suite", "protection_keys",
+                                  "--junit", str(junit)))
+    xml = junit.read_text()
+    assert xml.count("<testcase ") == 21 and "<failure" not in xml and "<error" not in xml
+    [run] = [d for d in runs_dir.iterdir() if d.is_dir()]
     assert "done (all tests OK)" in (run / "selftest-protection_keys.log").read_text()
     facts = json.loads((run / "selftest-protection_keys.json").read_text())
     assert facts["nr_hugepages"] == "10" and not facts["proc_rpal"]
@@ -385,7 +402,7 @@ def test_protection_keys_passes_on_debian_kernel(runs_dir: Path):
 def test_protection_keys_passes_on_rpal_reference_kernel(runs_dir: Path,
                                                          rpal_kernel: Path):  # noqa: F811
     assert_all_passed(run_testbed("selftest", "--kernel", str(rpal_kernel)))
-    [run] = list(runs_dir.iterdir())
+    [run] = [d for d in runs_dir.iterdir() if d.is_dir()]
     facts = json.loads((run / "selftest-protection_keys.json").read_text())
     assert facts["proc_rpal"], "the guest kernel has no /proc/rpal: not the reference kernel"
 

@@ -31,6 +31,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from testbed.check.model import Finding, ScenarioResult
@@ -477,6 +478,8 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     from testbed.build.selftests import build_selftest
 
     _terminate_on_signals()
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    t0 = time.monotonic()
     st = build_selftest(args.suite, args.source)
     m = machine_from_args(args, "selftest")
     try:
@@ -498,7 +501,38 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     print(f"selftest {st.suite}: {c['pass']} passed, {c['fail']} failed, {c['error']} errors, "
           f"{c['skip']} skipped in {result.seconds:.1f}s (output: {m.run_dir}/selftest-"
           f"{st.suite}.log)")
+    if args.junit or args.json or args.html:
+        write_reports(args, m, st, result, started, time.monotonic() - t0)
     return exit_status(result)
+
+
+def write_reports(args: argparse.Namespace, m: Any, st: Any, result: ScenarioResult,
+                  started: str, seconds: float) -> None:
+    """--junit/--json/--html: the same report formats as the RPAL scenarios."""
+    from testbed.report.common import RunMeta
+
+    try:
+        facts = json.loads((m.run_dir / f"selftest-{st.suite}.json").read_text())
+    except (OSError, ValueError):
+        facts = {}
+    meta = RunMeta(
+        kernel=str(m.cfg.kernel), osrelease=str(facts.get("guest_release", "")),
+        accel=str(getattr(m.cfg.accel, "accel", "")), started=started, seconds=seconds,
+        timings={"selftest": result.seconds},
+        extra={"suite": st.suite, "selftest source": st.source, "run folder": str(m.run_dir)},
+    )
+    if args.junit:
+        from testbed.report.junit import write_junit
+
+        write_junit([result], args.junit, meta)
+    if args.json:
+        from testbed.report.jsonreport import write_json
+
+        write_json([result], args.json, meta)
+    if args.html:
+        from testbed.report.html import write_html
+
+        write_html([result], args.html, meta)
 
 
 def add_parser(sub: Any) -> None:
@@ -519,6 +553,9 @@ def add_parser(sub: Any) -> None:
                    "(default: Debian's linux-source tarball)")
     p.add_argument("--timeout", type=float, default=1800.0, metavar="S",
                    help="an error finding if the suite runs longer than S seconds (default 1800)")
+    p.add_argument("--junit", type=Path, metavar="FILE", help="write a JUnit XML report")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write a JSON report")
+    p.add_argument("--html", type=Path, metavar="FILE", help="write an HTML report")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="stream the selftest's output to stderr while it runs")
     p.set_defaults(func=cmd_selftest)
