@@ -136,7 +136,7 @@ def _tarball_files(tarball: Path, suite: Suite, dest: Path) -> tuple[str, dict[s
     return rel, _tree_files(tree, suite)[1]
 
 
-# --------------------------------------------------------------------------- metadata from the source
+# --------------------------------------------------------------------------- source metadata
 
 
 def test_names(source: str) -> tuple[str, ...]:
@@ -263,7 +263,8 @@ def build_selftest(suite: str = "protection_keys",
         meta = {
             "suite": s.name, "source": label, "identity": identity, "dir": rel,
             "tests": list(test_names(main_src)), "iterations": iteration_count(main_src),
-            "command": " ".join(cmd).replace(str(src), "<src>").replace(str(binary.parent), "<out>"),
+            "command": " ".join(cmd).replace(str(src), "<src>")
+                       .replace(str(binary.parent), "<out>"),
         }
         (binary.parent / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         try:
