@@ -97,6 +97,15 @@ def test_recorded_timeout_is_an_error_at_the_running_case():
     assert exit_status(ScenarioResult("s", fs)) == 1
 
 
+def test_recorded_exit_in_setup_is_an_error_quoting_the_output():
+    text = (DATA / "protection_keys-6.1-rpalref-nohugetlbfs.log").read_text()
+    fs = pk(text, status=71)
+    first, *rest = bad(fs)
+    assert first.subject == NAMES[0] and first.error
+    assert "exit status 71" in first.message and "No such file or directory" in first.message
+    assert len(rest) == 20 and all("never ran" in f.message for f in rest)
+
+
 def test_crash_mid_run_is_an_error_not_a_pass():
     text = cut_after(PASS_LOG, "test  7 PASSED (iteration 3)")
     fs = pk(text, status=128 + 11)
