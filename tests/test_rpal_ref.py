@@ -92,12 +92,13 @@ def rpal_kernel() -> Path:
     return kernel.build_kernel(series=str(SERIES), jobs=2).bzimage
 
 
-def guest_script(names: list[str]) -> str:
+def guest_script(names: list[str], commands: dict[str, str] | None = None) -> str:
     """Shell that runs each workload and brackets its output with markers."""
+    cmds = {**WORKLOADS, **(commands or {})}
     lines = []
     for n in names:
         lines.append(f"echo '@@@ begin {n}'")
-        lines.append(f"{WORKLOADS[n]} 2>&1")
+        lines.append(f"{cmds[n]} 2>&1")
         lines.append(f"echo \"@@@ end {n} $?\"")
     lines.append("cat /sys/module/rpal/parameters/bug | sed 's/^/@@@ bugs /'")
     return "\n".join(lines)
@@ -111,13 +112,15 @@ def parse(stdout: str) -> dict[str, Outcome]:
 
 
 def run_workloads(kernel: Path, names: list[str], *, bugs: str = "", paging: int = 5,
-                  pti: str = "auto") -> tuple[dict[str, Outcome], str]:
+                  pti: str = "auto", append: str = "", commands: dict[str, str] | None = None,
+                  ) -> tuple[dict[str, Outcome], str]:
     """Boot `kernel` with rpal.bug=`bugs`, run the workloads, return their outcomes."""
     args = ["exec", "--kernel", str(kernel), "--paging", str(paging), "--pti", pti,
             "--timeout", "300"]
-    if bugs:
-        args += ["--append", f"rpal.bug={bugs}"]
-    res = run_testbed(*args, "--", "sh", "-c", guest_script(names), timeout=900)
+    cmdline = " ".join(x for x in (f"rpal.bug={bugs}" if bugs else "", append) if x)
+    if cmdline:
+        args += ["--append", cmdline]
+    res = run_testbed(*args, "--", "sh", "-c", guest_script(names, commands), timeout=900)
     text = res.stdout + res.stderr
     found = parse(res.stdout)
     assert set(found) == set(names), f"exec status {res.returncode}:\n{text[-3000:]}"
@@ -219,3 +222,22 @@ def test_guest_script_and_parser_agree():
     got = parse(fake)
     assert got["pair"].status == 0 and "A: ok x" in got["pair"].output
     assert got["stale"].status == 1 and "FAIL remap" in got["stale"].output
+
+
+def service_ids(output: str) -> list[int]:
+    return [int(m.group(1)) for m in re.finditer(r"^[AB]: service key \d+ id (\d+)", output, re.M)]
+
+
+@pytest.mark.vm
+def test_ids_are_freed_only_after_the_delay(rpal_kernel: Path, runs_dir: Path):
+    """Default delay (30 s): a second run gets new ids; with 300 ms they come back."""
+    twice = {"first": "tb-rpal_pair", "second": "tb-rpal_pair",
+             "later": "sleep 2; tb-rpal_pair"}
+    found, _ = run_workloads(rpal_kernel, ["first", "second"], commands=twice)
+    first, second = service_ids(found["first"].output), service_ids(found["second"].output)
+    assert len(first) == len(second) == 2
+    assert not set(first) & set(second), (first, second)
+    found, _ = run_workloads(rpal_kernel, ["first", "later"], commands=twice,
+                             append="rpal.id_free_delay_ms=300")
+    first, later = service_ids(found["first"].output), service_ids(found["later"].output)
+    assert sorted(first) == sorted(later), (first, later)
