@@ -408,9 +408,13 @@ def test_protection_keys_passes_on_debian_kernel(runs_dir: Path, tmp_path: Path)
 
 
 @pytest.mark.vm
-def test_protection_keys_passes_on_rpal_reference_kernel(runs_dir: Path,
+@pytest.mark.parametrize("paging", [
+    pytest.param(["--paging", "5"], id="5-level"),
+    pytest.param(["--paging", "4", "--pti", "on"], id="4-level-pti"),  # PGD copies, user PGD
+])
+def test_protection_keys_passes_on_rpal_reference_kernel(runs_dir: Path, paging: list[str],
                                                          rpal_kernel: Path):  # noqa: F811
-    assert_all_passed(run_testbed("selftest", "--kernel", str(rpal_kernel)))
+    assert_all_passed(run_testbed("selftest", "--kernel", str(rpal_kernel), *paging))
     [run] = [d for d in runs_dir.iterdir() if d.is_dir()]
     facts = json.loads((run / "selftest-protection_keys.json").read_text())
     assert facts["proc_rpal"], "the guest kernel has no /proc/rpal: not the reference kernel"
