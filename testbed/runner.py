@@ -12,7 +12,7 @@ import re
 import shlex
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +81,10 @@ def run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], parent: P
     snapshots: list[dict[str, Any]] = []
     snapper: LiveSnapshotter | None = None
     try:
-        with Machine(cfg, run_dir) as m:
+        machine = Machine(cfg, run_dir)
+        if sc.selftest:
+            return _run_selftest(sc, machine, result, t0)
+        with machine as m:
             assert m.qmp is not None
             snapper = LiveSnapshotter(m.qmp, m.ram_path, spec.kernel)
 
@@ -116,6 +119,27 @@ def run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], parent: P
     (run_dir / "findings.json").write_text(
         json.dumps([f.to_dict() for f in result.findings], indent=1) + "\n"
     )
+    return result
+
+
+def _run_selftest(sc: Scenario, machine: Machine, result: ScenarioResult, t0: float
+                  ) -> ScenarioResult:
+    from testbed.build.selftests import build_selftest
+    from testbed.check.selftests import put_in_image, run_selftest
+
+    assert sc.selftest is not None
+    st = build_selftest(sc.selftest)
+    put_in_image(machine, st)
+    try:
+        with machine as m:
+            sub = run_selftest(m, st)
+    except TestbedError as exc:
+        result.error = exc.one_line()
+    else:
+        result.findings = [replace(f, scenario=sc.name) for f in sub.findings]
+        result.output = sub.output
+        result.error = sub.error
+    result.seconds = round(time.monotonic() - t0, 2)
     return result
 
 

