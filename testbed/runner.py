@@ -11,6 +11,7 @@ import json
 import re
 import shlex
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -143,7 +144,7 @@ def _run_selftest(sc: Scenario, machine: Machine, result: ScenarioResult, t0: fl
     return result
 
 
-def run_all(jobs: list[tuple[Scenario, tuple[str, ...]]], spec: GuestSpec, parent: Path,
+def run_all(jobs: Sequence[tuple[Scenario, tuple[str, ...]]], spec: GuestSpec, parent: Path,
             parallel: int) -> list[ScenarioResult]:
     """Run (scenario, bugs) jobs on `parallel` guests at a time; results in job order."""
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
