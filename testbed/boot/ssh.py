@@ -136,21 +136,8 @@ class SshChannel:
         chan.exec_command(command)
         out, err = io.BytesIO(), io.BytesIO()
         while True:
-            busy = False
-            while chan.recv_ready():
-                data = chan.recv(65536)
-                out.write(data)
-                if stdout:
-                    stdout.write(data)
-                    stdout.flush()
-                busy = True
-            while chan.recv_stderr_ready():
-                data = chan.recv_stderr(65536)
-                err.write(data)
-                if stderr:
-                    stderr.write(data)
-                    stderr.flush()
-                busy = True
+            busy = _drain(chan.recv_ready, chan.recv, out, stdout)
+            busy = _drain(chan.recv_stderr_ready, chan.recv_stderr, err, stderr) or busy
             if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
                 break
             if timeout is not None and time.monotonic() - start > timeout:
@@ -170,6 +157,22 @@ class SshChannel:
         if self.client is not None:
             self.client.close()
             self.client = None
+
+
+def _drain(
+    ready: Callable[[], bool], recv: Callable[[int], bytes], buf: io.BytesIO,
+    stream: BinaryIO | None,
+) -> bool:
+    """Move what a channel has ready into `buf` (and `stream`); True if there was any."""
+    moved = False
+    while ready():
+        data = recv(65536)
+        buf.write(data)
+        if stream:
+            stream.write(data)
+            stream.flush()
+        moved = True
+    return moved
 
 
 def free_port() -> int:
