@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import subprocess
 import tarfile
 from pathlib import Path
@@ -24,6 +25,7 @@ from testbed.build.series import (
     parse_series_text,
 )
 from testbed.errors import BuildError
+from testbed.progress import Progress
 
 # --------------------------------------------------------------------------- helpers
 
@@ -598,3 +600,49 @@ def test_cli_list_prints_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     args = parser.parse_args(["kernel", "list"])
     assert args.func(args) == 0
     assert "no cached kernel builds" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- build trees
+
+
+def fake_tree(origin: Path, name: str, *, complete: bool, age: int) -> Path:
+    d = origin / name
+    (d / "tools" / "objtool").mkdir(parents=True)
+    if complete:
+        (d / "vmlinux").write_text("elf")
+    (d / ".config").write_text(f"CONFIG_{name.replace('-', '_').upper()}=y\n")
+    rec = d / "tools" / "objtool" / ".weak.o.cmd"
+    rec.write_text(f"cmd_{d}/tools/objtool/weak.o := gcc -o {d}/tools/objtool/weak.o\n")
+    os.utime(rec, ns=(10**18, 10**18))
+    t = 1_700_000_000 + age
+    os.utime(d, (t, t))
+    return d
+
+
+def test_prune_keeps_recent_complete_trees(tmp_path: Path) -> None:
+    cur = fake_tree(tmp_path, "obj-cur", complete=False, age=50)
+    old = [fake_tree(tmp_path, f"obj-{i}", complete=True, age=i) for i in range(4)]
+    fake_tree(tmp_path, "obj-failed", complete=False, age=40)
+    fake_tree(tmp_path, "obj-x.seeding", complete=True, age=45)
+    kernel._prune_build_trees(tmp_path, keep=3, current=cur)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["obj-2", "obj-3", "obj-cur"]
+    assert old[3].is_dir()
+
+
+def test_seed_copies_newest_tree_keeps_new_config_and_relocates_tools(tmp_path: Path) -> None:
+    fake_tree(tmp_path, "obj-old", complete=True, age=1)
+    donor = fake_tree(tmp_path, "obj-new", complete=True, age=2)
+    obj = tmp_path / "obj-target"
+    obj.mkdir()
+    (obj / ".config").write_text("CONFIG_TARGET=y\n")
+    log = tmp_path / "log"
+    name = kernel._seed_build_tree(tmp_path, obj, log, Progress("t"))
+    assert name == "obj-new"
+    assert (obj / "vmlinux").is_file()
+    assert (obj / ".config").read_text() == "CONFIG_TARGET=y\n"
+    rec = obj / "tools" / "objtool" / ".weak.o.cmd"
+    assert str(obj) in rec.read_text() and str(donor) not in rec.read_text()
+    assert rec.stat().st_mtime_ns == 10**18
+    assert not list(tmp_path.glob("*.seeding"))
+    assert kernel._seed_build_tree(tmp_path / "none", tmp_path / "none" / "obj-x", log,
+                                   Progress("t")) == ""

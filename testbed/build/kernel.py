@@ -310,7 +310,8 @@ def _seed_build_tree(origin: Path, obj: Path, log: Path, progress: Progress) -> 
     their .cmd/.d files: those are rewritten to the new folder, keeping their times
     (every kernel object depends on the objtool binary: rebuilding it would rebuild all).
     """
-    donors = sorted((d for d in origin.glob("obj-*") if d != obj and (d / "vmlinux").is_file()),
+    donors = sorted((d for d in origin.glob("obj-*")
+                     if d != obj and "." not in d.name and (d / "vmlinux").is_file()),
                     key=lambda d: d.stat().st_mtime, reverse=True)
     if not donors:
         return ""
@@ -319,12 +320,17 @@ def _seed_build_tree(origin: Path, obj: Path, log: Path, progress: Progress) -> 
     tmp = obj.with_name(obj.name + ".seeding")
     if tmp.exists():
         shutil.rmtree(tmp)
-    if obj.exists():
-        shutil.rmtree(obj)
     run_logged(["cp", "-a", "--reflink=auto", str(donor), str(tmp)], cwd=origin, log=log,
                progress=progress, what="seed build tree")
     _relocate_tool_records(tmp / "tools", str(donor), str(obj))
+    # keep the configuration just made (newer than the donor's auto.conf: make syncs it)
+    shutil.copyfile(obj / ".config", tmp / ".config")
+    shutil.rmtree(tmp / "testbed-fragments", ignore_errors=True)
+    if (obj / "testbed-fragments").is_dir():
+        shutil.copytree(obj / "testbed-fragments", tmp / "testbed-fragments")
+    shutil.rmtree(obj)
     tmp.rename(obj)
+    os.utime(obj)
     return donor.name
 
 
@@ -340,10 +346,19 @@ def _relocate_tool_records(tools: Path, old: str, new: str) -> None:
             os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def _prune_build_trees(origin: Path, keep: int) -> None:
-    trees = sorted((d for d in origin.glob("obj-*") if d.is_dir()),
-                   key=lambda d: d.stat().st_mtime, reverse=True)
-    for old in trees[keep:]:
+def _prune_build_trees(origin: Path, keep: int, current: Path) -> None:
+    """Keep the ``keep`` most recently used complete object trees; drop the rest, and
+    drop incomplete ones (a config that did not stick, an interrupted seed) but ``current``."""
+    complete = []
+    for d in origin.glob("obj-*"):
+        if not d.is_dir() or d == current:
+            continue
+        if "." in d.name or not (d / "vmlinux").is_file():
+            shutil.rmtree(d, ignore_errors=True)
+        else:
+            complete.append(d)
+    complete.sort(key=lambda d: d.stat().st_mtime, reverse=True)
+    for old in complete[max(keep - 1, 0):]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -410,15 +425,15 @@ def _build_locked(base: BaseSource, ser: Series, fragments: list[kconfig.Fragmen
     head = apply_series(src, base_commit, ser)
     kver = kernel_version(src)
     obj = origin / f"obj-{_config_id(base, fragments, toolchain)}"
-    seeded_from = ""
-    if not (obj / "vmlinux").is_file():
-        seeded_from = _seed_build_tree(origin, obj, log, progress)
-    incremental = (obj / "vmlinux").is_file()
     obj.mkdir(parents=True, exist_ok=True)
     os.utime(obj)  # most recently used; see _prune_build_trees
-    _prune_build_trees(origin, keep=KEEP_BUILD_TREES)
+    _prune_build_trees(origin, keep=KEEP_BUILD_TREES, current=obj)
 
     configure(src, obj, fragments, log=log, progress=progress)
+    seeded_from = ""
+    if not (obj / "vmlinux").is_file():  # a config that stuck, in a new tree: seed it
+        seeded_from = _seed_build_tree(origin, obj, log, progress)
+    incremental = (obj / "vmlinux").is_file()
     t_make = time.monotonic()
     run_logged(["make", f"O={obj}", f"-j{jobs}", "bzImage"], cwd=src, log=log,
                progress=progress, what="make bzImage")
