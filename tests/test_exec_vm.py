@@ -20,6 +20,24 @@ from conftest import qemu_processes_for, run_testbed
 pytestmark = pytest.mark.vm
 
 
+@pytest.fixture
+def spawn():
+    """Start `python -m testbed ARGS`; whatever happens in the test, it does not outlive it."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(*args: str) -> subprocess.Popen[str]:
+        p = subprocess.Popen([sys.executable, "-m", "testbed", *args],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.communicate(timeout=30)
+
+
 def only_run_dir(runs: Path) -> Path:
     dirs = [d for d in runs.iterdir() if d.is_dir()]
     assert len(dirs) == 1, dirs
@@ -99,11 +117,8 @@ def test_bad_kernel_paths(runs_dir: Path, kernel: str, words: str):
     assert words in (run_dir / "error.txt").read_text()
 
 
-def test_qemu_crash_is_reported(runs_dir: Path):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "testbed", "exec", "--", "sleep", "120"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+def test_qemu_crash_is_reported(runs_dir: Path, spawn):
+    proc = spawn("exec", "--", "sleep", "120")
     run_dir = wait_for_machine(runs_dir, proc)
     qemu = int(read_meta(run_dir)["qemu_pid"])
     time.sleep(2)  # let the command start
@@ -152,11 +167,8 @@ def wait_for_machine(runs: Path, proc: subprocess.Popen[str], ready: bool = True
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_killed_testbed_leaves_no_qemu(runs_dir: Path, sig: signal.Signals):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "testbed", "exec", "--", "sleep", "120"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+def test_killed_testbed_leaves_no_qemu(runs_dir: Path, sig: signal.Signals, spawn):
+    proc = spawn("exec", "--", "sleep", "120")
     run_dir = wait_for_machine(runs_dir, proc, ready=False)
     ram = Path(read_meta(run_dir)["ram_file"])
     proc.send_signal(sig)
@@ -174,11 +186,8 @@ def test_killed_testbed_leaves_no_qemu(runs_dir: Path, sig: signal.Signals):
         assert not ram.exists()
 
 
-def test_boot_keeps_guest_up_for_ssh_and_qmp(runs_dir: Path):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "testbed", "boot"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+def test_boot_keeps_guest_up_for_ssh_and_qmp(runs_dir: Path, spawn):
+    proc = spawn("boot")
     info: dict[str, str] = {}
     assert proc.stdout is not None
     for line in proc.stdout:
