@@ -7,6 +7,7 @@ quick. Run with TESTBED_SLOW=1.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -85,6 +86,8 @@ def test_changing_one_patch_rebuilds_incrementally(tmp_path: Path, runs_dir: Pat
     assert second.meta["make_seconds"] < 240
     assert b"testbed series marker two" in second.vmlinux.read_bytes()
     assert second.meta["series"]["patches"][0]["name"] == "0001-marker.patch"
+    for kb in builds:  # 115 MB each: do not leave test kernels in the user's cache
+        shutil.rmtree(kb.dir, ignore_errors=True)
 
 
 def test_broken_patch_against_the_real_tree(tmp_path: Path, runs_dir: Path) -> None:
