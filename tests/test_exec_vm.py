@@ -206,3 +206,14 @@ def test_boot_keeps_guest_up_for_ssh_and_qmp(runs_dir: Path, spawn):
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 0
     assert_cleaned_up(run_dir)
+
+
+def test_files_from_the_host_go_into_the_guest(runs_dir: Path, tmp_path: Path):
+    script = tmp_path / "hello.sh"
+    script.write_text("#!/bin/sh\necho hello $1\n")
+    script.chmod(0o755)
+    res = run_testbed("exec", "--file", str(script), "--file", f"{script}:/etc/other.sh",
+                      "--", "sh", "-c", "hello.sh one && /etc/other.sh two")
+    assert (res.returncode, res.stdout) == (0, "hello one\nhello two\n"), res.stderr
+    bad = run_testbed("exec", "--file", str(tmp_path / "missing"), "--", "true")
+    assert_one_line_error(bad, "is not a file")

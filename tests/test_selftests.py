@@ -425,3 +425,19 @@ def test_recorded_data_is_described():
     for f in DATA.glob("*.log"):
         assert f.name in readme, f"{f.name} not described in {DATA / 'README.md'}"
     assert os.path.exists(DATA / "protection_keys-6.1-debian-pass.log")
+
+
+@pytest.mark.vm
+def test_protection_keys_through_testbed_exec_on_reference_kernel(
+        runs_dir: Path, rpal_kernel: Path):  # noqa: F811
+    """Issue 4's wording: the selftest run with plain `testbed exec --file` passes too."""
+    st = build.build_selftest("protection_keys")
+    res = run_testbed("exec", "--kernel", str(rpal_kernel), "--file",
+                      f"{st.binary}:/usr/bin/protection_keys", "--timeout", "600", "--",
+                      "sh", "-c", "echo 10 > /proc/sys/vm/nr_hugepages; "
+                      "cd /tmp && protection_keys 2>&1 | cat")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "done (all tests OK)" in res.stdout
+    findings = parse_selftest_output(res.stdout, suite="protection_keys", names=st.tests,
+                                     iterations=st.iterations, status=res.returncode)
+    assert findings and all(f.passed and not f.error for f in findings)

@@ -33,6 +33,8 @@ def add_machine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--append", default="", help="extra kernel command line")
     g.add_argument("--boot-timeout", type=float, default=180.0, metavar="S",
                    help="give up on a guest not ready after S seconds (default 180)")
+    g.add_argument("--file", action="append", metavar="HOST[:GUEST]",
+                   help="put a host file in the guest (default /usr/bin/NAME); repeatable")
     g.add_argument("--run-dir", type=Path, help="artifact folder (default: a new one under "
                    "$TESTBED_RUNS or ./testbed-runs)")
 
@@ -70,9 +72,24 @@ def _machine(args: argparse.Namespace, run_dir: Path) -> Machine:
     cfg = MachineConfig(
         kernel=kernel, initrd=initrd, accel=accel, smp=args.smp, mem_mib=args.mem,
         paging=args.paging, pti=args.pti, append=args.append,
-        boot_timeout=args.boot_timeout, ready_marker=ours,
+        boot_timeout=args.boot_timeout, ready_marker=ours, files=parse_files(args.file or []),
     )
     return Machine(cfg, run_dir)
+
+
+def parse_files(specs: list[str]) -> dict[str, Path]:
+    """--file HOST[:GUEST] options: guest path (default /usr/bin/<name>) -> host path."""
+    files: dict[str, Path] = {}
+    for spec in specs:
+        host, _, guest = spec.partition(":")
+        path = Path(host)
+        if not path.is_file():
+            raise TestbedError(f"--file {spec}: {host} is not a file")
+        guest = (guest or f"/usr/bin/{path.name}").lstrip("/")
+        if not guest or guest.endswith("/") or ".." in guest.split("/"):
+            raise TestbedError(f"--file {spec}: give the guest path as HOST:/path/in/guest")
+        files[guest] = path
+    return files
 
 
 def boot_with_progress(m: Machine) -> None:

@@ -32,6 +32,7 @@ from testbed.boot.hostcaps import QEMU, Accel, choose_accel
 from testbed.boot.kernelimage import KernelInfo, inspect_kernel
 from testbed.boot.qmp import QMP
 from testbed.boot.ssh import CommandResult, SshChannel, SshKeys, free_port, make_keys
+from testbed.build.cpio import Entry
 from testbed.build.initramfs import READY_MARKER, with_overlay
 from testbed.errors import GuestError, GuestPanic, GuestTimeout, QemuCrash, TestbedError
 
@@ -54,6 +55,7 @@ class MachineConfig:
     boot_timeout: float = 180.0
     ssh: bool = True
     ready_marker: bool = True  # our images print one; a user's image is ready when SSH answers
+    files: dict[str, Path] = field(default_factory=dict)  # guest path -> host file, per run
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -191,6 +193,14 @@ class Machine:
         if self.cfg.ssh:
             self.keys = make_keys(self.run_dir / "ssh")
             overlay += list(self.keys.overlay)
+        for guest_path, host_path in sorted(self.cfg.files.items()):
+            try:
+                data = Path(host_path).read_bytes()
+            except OSError as exc:
+                raise self._fail(TestbedError, f"file {host_path} for the guest cannot be read "
+                                 f"({exc.strerror})") from exc
+            mode = 0o755 if os.access(host_path, os.X_OK) else 0o644
+            overlay.append(Entry.file(guest_path, data, mode))
         initrd = with_overlay(self.cfg.initrd, overlay, self.run_dir / "initrd.cpio")
         # The RAM file: created and locked by us before QEMU opens it.
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
