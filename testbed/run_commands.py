@@ -11,7 +11,7 @@ from typing import Any
 
 from testbed import paths
 from testbed.boot.commands import _terminate_on_signals
-from testbed.boot.kernelimage import inspect_kernel
+from testbed.boot.kernelimage import inspect_kernel, resolve_kernel
 from testbed.boot.machine import resolve_accel
 from testbed.build.initramfs import ImageSpec, build_image
 from testbed.check.model import ScenarioResult
@@ -30,7 +30,7 @@ def guest_spec(args: argparse.Namespace) -> tuple[GuestSpec, dict[str, float]]:
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     if args.kernel is not None:
-        kernel = args.kernel
+        kernel = resolve_kernel(args.kernel)
     else:
         from testbed.build.kernel import build_kernel
 
@@ -165,7 +165,8 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("scenario", nargs="*", help=f"scenarios (default all: {', '.join(SCENARIOS)})")
     p.add_argument("--kernel", type=Path,
-                   help=f"bzImage with vmlinux or System.map beside it (default: the "
+                   help=f"bzImage with vmlinux or System.map beside it, or a cached build's "
+                        f"key (default: the "
                         f"{DEFAULT_SERIES} reference kernel, built or from the cache)")
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
     p.add_argument("--paging", type=int, choices=(4, 5), default=5)

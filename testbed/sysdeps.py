@@ -24,6 +24,7 @@ PACKAGES: dict[str, str] = {
     "gcc": "builds the static guest programs",
     "libc6-dev": "static C library for the guest programs",
     "make": "kernel builds",
+    "binutils": "kernel builds (ld, objcopy)",
     "cpio": "inspecting initramfs images",
     "linux-image-amd64": "the default guest kernel",
     "linux-source-6.1": "base tree for patched kernels",

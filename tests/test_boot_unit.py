@@ -113,3 +113,14 @@ def test_checkpoint_request_parsing():
                 b"checkpoint a 1 2 novalue\n"):
         with pytest.raises(ValueError):
             parse_checkpoint_request(bad)
+
+
+def test_kernel_option_takes_paths_and_cache_keys(tmp_path: Path, monkeypatch):
+    from testbed.boot.kernelimage import resolve_kernel
+    from testbed.errors import BuildError
+
+    monkeypatch.setenv("TESTBED_CACHE", str(tmp_path))
+    assert resolve_kernel("/boot/nonexistent") == Path("/boot/nonexistent")
+    assert resolve_kernel("bzImage") == Path("bzImage")  # not hex: a relative path
+    with pytest.raises(BuildError, match="no cached kernel build abcdef"):
+        resolve_kernel("abcdef")

@@ -58,6 +58,20 @@ def inspect_kernel(path: Path) -> KernelInfo:
     return parse_bzimage(head, path)
 
 
+def resolve_kernel(spec: Path | str) -> Path:
+    """A --kernel value: a bzImage path, or the key (prefix) of a cached `testbed kernel build`."""
+    path = Path(spec)
+    if path.exists() or "/" in str(spec):
+        return path
+    import re
+
+    if re.fullmatch(r"[0-9a-f]{4,}", str(spec)):
+        from testbed.build.kernel import load_build
+
+        return load_build(str(spec)).bzimage
+    return path
+
+
 def default_kernel() -> Path:
     """The newest Debian kernel image in /boot (installed by `testbed setup`)."""
     env = os.environ.get("TESTBED_KERNEL")
