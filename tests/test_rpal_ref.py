@@ -241,3 +241,19 @@ def test_ids_are_freed_only_after_the_delay(rpal_kernel: Path, runs_dir: Path):
                              append="rpal.id_free_delay_ms=300")
     first, later = service_ids(found["first"].output), service_ids(found["later"].output)
     assert sorted(first) == sorted(later), (first, later)
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("paging", [5, 4])
+def test_protection_keys_selftest_still_passes(rpal_kernel: Path, runs_dir: Path, paging: int):
+    """The kernel's own protection_keys selftest: RPAL's pkey hooks must not change a
+    process that is not an RPAL service."""
+    from testbed.build.selftests import build_selftest
+
+    st = build_selftest("protection_keys")
+    res = run_testbed("exec", "--kernel", str(rpal_kernel), "--paging", str(paging),
+                      "--timeout", "600", "--file", f"{st.binary}:/usr/bin/pkeys-selftest",
+                      "--", "pkeys-selftest", timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "PASSED" in res.stdout
+    assert not re.search(r"FAIL|abort", res.stdout, re.I), res.stdout[-3000:]
