@@ -257,3 +257,21 @@ def test_protection_keys_selftest_still_passes(rpal_kernel: Path, runs_dir: Path
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert "PASSED" in res.stdout
     assert not re.search(r"FAIL|abort", res.stdout, re.I), res.stdout[-3000:]
+
+
+PAGE_TABLE_BUGS = ["keep_copy_on_release", "keep_copy_on_exit", "wrong_slot_copy",
+                   "no_fault_redirect"]
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("paging,pti", [(4, "auto"), (5, "on"), (4, "on")],
+                         ids=["4level", "5level-pti", "4level-pti"])
+@pytest.mark.parametrize("bug", PAGE_TABLE_BUGS)
+def test_page_table_bugs_in_every_paging_mode(rpal_kernel: Path, runs_dir: Path, bug: str,
+                                              paging: int, pti: str):
+    """The copy lives in the PGD (4-level, folded P4D) or the P4D table (5-level), and with
+    PTI in the user PGD too: each page-table bug must show in every mode."""
+    workload, pattern = EXPECTED[bug]
+    found, _ = run_workloads(rpal_kernel, [workload], bugs=bug, paging=paging, pti=pti)
+    o = found[workload]
+    assert o.status != 0 and re.search(pattern, o.output, re.M), o.output
