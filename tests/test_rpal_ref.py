@@ -218,7 +218,8 @@ def test_several_bugs_at_once(rpal_kernel: Path, runs_dir: Path):
 def test_guest_script_and_parser_agree():
     s = guest_script(["pair", "stale"])
     assert "tb-rpal_pair 2>&1" in s and 'echo "@@@ end stale $?"' in s
-    fake = "@@@ begin pair\nA: ok x: y\n@@@ end pair 0\n@@@ begin stale\nprobe: FAIL remap: 3\n@@@ end stale 1\n"
+    fake = ("@@@ begin pair\nA: ok x: y\n@@@ end pair 0\n"
+            "@@@ begin stale\nprobe: FAIL remap: 3\n@@@ end stale 1\n")
     got = parse(fake)
     assert got["pair"].status == 0 and "A: ok x" in got["pair"].output
     assert got["stale"].status == 1 and "FAIL remap" in got["stale"].output
