@@ -22,6 +22,7 @@
  *   pkey_deny       with our own PKRU the peer's page faults with
  *                   SEGV_PKUERR and the peer's pkey
  *   peer_write      what the peer wrote into our memory arrived
+ *   fork_child      a child forked by a paired service can't reach the peer
  *   release         after release the peer's slot faults           (keep_copy_on_release)
  *   dead_key        poll/read on /proc/rpal report the peer's exit
  *   exit_copy       after the peer exited its slot faults          (keep_copy_on_exit)
@@ -32,6 +33,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "rpal.h"
@@ -151,6 +153,27 @@ static int child(const char *role, int rfd, int wfd, int same_pkey)
 		   "write to the peer's untouched page %p: %s", (void *)plazy,
 		   rpal_fault_str(&f));
 	rpal_try_write64(&pbuf[500], magic(role, 500), TIMEOUT_MS, &f);
+	if (role[0] == 'A') {
+		/* a fork of a paired service is not a service: no copy of the slot */
+		pid_t pid = fork();
+		int st = 0;
+
+		/* No handler in the child: it is not a service, so a signal
+		 * handler would run with the default PKRU, which denies the
+		 * key of its (inherited) stack.  It must die of SIGSEGV. */
+		if (pid == 0) {
+			signal(SIGSEGV, SIG_DFL);
+			alarm(5);
+			v = pbuf[7];
+			_exit(v == magic(role[0] == 'A' ? "B" : "A", 7) ? 3 : 4);
+		}
+		waitpid(pid, &st, 0);
+		rpal_check(&l, WIFSIGNALED(st) && WTERMSIG(st) == SIGSEGV, "fork_child",
+			   "a forked child reading the peer: %s",
+			   WIFSIGNALED(st) ? strsignal(WTERMSIG(st)) :
+			   WEXITSTATUS(st) == 3 ? "read the peer's data (copy inherited)" :
+			   "read something else");
+	}
 
 	wrpkru(pkru_own);
 	r = rpal_try_read64(&pbuf[7], &v, TIMEOUT_MS, &f);

@@ -182,7 +182,7 @@ def test_no_bug_no_misbehaviour(rpal_kernel: Path, runs_dir: Path, paging: int, 
         assert "pti" in caps.group(1).split()
     pair = found["pair"].output
     for check in ("peer_read", "fault_redirect", "pkey_deny", "peer_write", "release",
-                  "dead_key", "exit_copy", "pkru", "keys_locked", "mmap_tagged"):
+                  "dead_key", "exit_copy", "pkru", "keys_locked", "mmap_tagged", "fork_child"):
         assert re.search(rf"^[AB]: ok {check}:", pair, re.M), check
     assert re.search(r"A: ok same_pkey: .*-> EKEYREJECTED", found["same"].output)
     assert re.search(r"stray: ok gadget: weakness shown", found["stray"].output)
