@@ -6,9 +6,9 @@ the guest programs tb-rpal_pair, tb-rpal_stale_probe and tb-rpal_stray
 (guest/*.c); each prints "ROLE: ok CHECK: ..." / "ROLE: FAIL CHECK: ..." and
 exits non-zero when a check failed.
 
-The kernel: $TESTBED_RPAL_KERNEL (a bzImage) if set; else the cached
-`testbed kernel build --series rpal-ref`; else, with TESTBED_SLOW=1, it is
-built (minutes, cold); otherwise the guest tests are skipped.
+The kernel: the plugin's `rpal_kernel` fixture: $TESTBED_KERNEL (a bzImage)
+if set, else `testbed kernel build --series rpal-ref` (from the cache, or
+built: minutes, cold).
 
 Everything that boots goes through `run_workloads()`, the one place that
 talks to `testbed exec`.
@@ -16,7 +16,6 @@ talks to `testbed exec`.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,38 +57,9 @@ class Outcome:
     output: str
 
 
-def _cached_build() -> Path | None:
-    """bzImage of the rpal-ref build in the cache for the current patches, or None."""
-    from testbed.build import kconfig, kernel
-    from testbed.build.kernel_source import resolve_source
-    from testbed.build.series import load_series
-
-    try:
-        base = resolve_source(None, kernel.work_dir())
-        ser = load_series(str(SERIES))
-        frags = [kconfig.load_fragment(kconfig.BASE_FRAGMENT)]
-        if ser.config_fragment is not None:
-            frags.append(kconfig.load_fragment(ser.config_fragment))
-        key = kernel.cache_key(base.identity, ser, frags, kernel.toolchain_versions())
-        return kernel.load_build(kernel.kernels_dir() / key).bzimage
-    except Exception:  # noqa: BLE001 - not built (or no base tree): the caller decides
-        return None
-
-
-@pytest.fixture(scope="module")
-def rpal_kernel() -> Path:
-    env = os.environ.get("TESTBED_RPAL_KERNEL")
-    if env:
-        return Path(env)
-    bz = _cached_build()
-    if bz is not None:
-        return bz
-    if os.environ.get("TESTBED_SLOW") != "1":
-        pytest.skip("rpal-ref kernel not built: run `testbed kernel build --series rpal-ref` "
-                    "or set TESTBED_SLOW=1 (or TESTBED_RPAL_KERNEL=bzImage)")
-    from testbed.build import kernel
-
-    return kernel.build_kernel(series=str(SERIES), jobs=2).bzimage
+# The kernel under test comes from the testbed's pytest plugin (testbed/pytest_plugin.py):
+# the fixture `rpal_kernel` is $TESTBED_KERNEL, or the rpal-ref build from the cache,
+# built when it is not there yet (a kernel build: minutes, cold).
 
 
 def guest_script(names: list[str], commands: dict[str, str] | None = None) -> str:

@@ -16,7 +16,6 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from test_rpal_ref import rpal_kernel  # noqa: F401 - the fixture: cached rpal-ref kernel or skip
 
 from testbed.build import selftests as build
 from testbed.check.model import ScenarioResult
@@ -413,7 +412,7 @@ def test_protection_keys_passes_on_debian_kernel(runs_dir: Path, tmp_path: Path)
     pytest.param(["--paging", "4", "--pti", "on"], id="4-level-pti"),  # PGD copies, user PGD
 ])
 def test_protection_keys_passes_on_rpal_reference_kernel(runs_dir: Path, paging: list[str],
-                                                         rpal_kernel: Path):  # noqa: F811
+                                                         rpal_kernel: Path):
     assert_all_passed(run_testbed("selftest", "--kernel", str(rpal_kernel), *paging))
     [run] = [d for d in runs_dir.iterdir() if d.is_dir()]
     facts = json.loads((run / "selftest-protection_keys.json").read_text())
@@ -429,7 +428,7 @@ def test_recorded_data_is_described():
 
 @pytest.mark.vm
 def test_protection_keys_through_testbed_exec_on_reference_kernel(
-        runs_dir: Path, rpal_kernel: Path):  # noqa: F811
+        runs_dir: Path, rpal_kernel: Path):
     """Issue 4's wording: the selftest run with plain `testbed exec --file` passes too."""
     st = build.build_selftest("protection_keys")
     res = run_testbed("exec", "--kernel", str(rpal_kernel), "--file",
