@@ -235,6 +235,9 @@ class Machine:
             # is limited to 108 bytes, which deep run folders exceed
             "-qmp", f"unix:{self.qmp_socket.name},server=on,wait=off",
             "-device", "pvpanic",
+            # entropy at once: without it the SSH server waits for the kernel's CRNG
+            # (1.17 s -> 0.18 s to the first command on our own kernel)
+            "-device", "virtio-rng-pci",
             "-device", "virtio-serial-pci,id=vser0",
             "-chardev", f"socket,id=ckpt,fd={ckpt_fd}",
             "-device", f"virtserialport,bus=vser0.0,chardev=ckpt,name={CHECKPOINT_PORT}",

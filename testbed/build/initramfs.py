@@ -30,7 +30,9 @@ BUSYBOX = Path(os.environ.get("TESTBED_BUSYBOX", "/bin/busybox"))
 DROPBEAR = Path("/usr/sbin/dropbear")
 # Modules the guest needs when the kernel has them as modules (Debian's does);
 # a kernel of our own has them built in and then none of this is loaded.
-DEFAULT_MODULES = ("virtio_pci", "virtio_net", "virtio_console", "pvpanic_mmio", "pvpanic_pci")
+DEFAULT_MODULES = (
+    "virtio_pci", "virtio_net", "virtio_console", "virtio_rng", "pvpanic_mmio", "pvpanic_pci",
+)
 
 
 @dataclass(frozen=True)
