@@ -33,7 +33,7 @@ import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
 
 from testbed.errors import TestbedError
 
@@ -88,6 +88,15 @@ class _Mapped:
         self._layout = sorted(layout)
         self._starts = [s for s, _, _ in self._layout]
         self._what = what
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def ranges(self) -> list[tuple[int, int]]:
@@ -166,12 +175,6 @@ class SharedFileMemory(_Mapped):
 
     def close(self) -> None:
         self._mm.close()
-
-    def __enter__(self) -> SharedFileMemory:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 QmpRun = Callable[[str, Mapping[str, Any]], Any]
@@ -324,9 +327,3 @@ class ElfDumpMemory(_Mapped):
 
     def close(self) -> None:
         self._f.close()
-
-    def __enter__(self) -> ElfDumpMemory:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
