@@ -173,7 +173,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pti", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--append", default="", help="extra kernel command line")
     p.add_argument("--parallel", type=int, default=default_parallel(), metavar="N",
-                   help="guests at a time (default: CPUs, at most 4)")
+                   help="guests at a time (default: host CPUs / 2, at most 4)")
     p.add_argument("--run-dir", type=Path, help="parent folder of the scenarios' run folders")
     p.add_argument("--bug", action="append", choices=BUGS, metavar="NAME",
                    help=f"boot with this injected bug (repeatable): {', '.join(BUGS)}")

@@ -152,10 +152,16 @@ def run_all(jobs: Sequence[tuple[Scenario, tuple[str, ...]]], spec: GuestSpec, p
         return [f.result() for f in futures]
 
 
-def default_parallel() -> int:
+def default_parallel(smp: int = 2) -> int:
+    """Guests at a time: one per `smp` host CPUs, at most 4.
+
+    Each TCG guest keeps a host CPU busy per vCPU; on this 2-core machine one
+    guest at a time was fastest (bench/run_time.py: 31 s, 2 at a time 37 s,
+    4 at a time 44 s).
+    """
     import os
 
-    return max(1, min(4, (os.cpu_count() or 2)))
+    return max(1, min(4, (os.cpu_count() or 2) // max(1, smp)))
 
 
 def describe_bugs(bugs: tuple[str, ...]) -> str:
