@@ -455,22 +455,12 @@ def run_selftest(m: Any, st: Any, *, timeout: float | None = 1800.0,
 
 
 def put_in_image(m: Any, st: Any) -> None:
-    """Make the guest image of the (not yet started) machine `m` carry the selftest binary.
+    """Make the (not yet started) machine `m` carry the selftest binary.
 
-    Our image: rebuilt (cached) with the binary as an extra file. A user's own
-    initrd (--initrd): the binary is appended as one more cpio archive.
+    It goes into the per-run overlay archive that every image gets (ours or a
+    user's --initrd), like `testbed exec --file`.
     """
-    from testbed.boot.kernelimage import inspect_kernel
-    from testbed.build import cpio
-    from testbed.build.initramfs import ImageSpec, build_image, with_overlay
-
-    where = guest_path(st.suite).lstrip("/")
-    if m.cfg.ready_marker:  # built by the testbed from ImageSpec(kernel=...)
-        spec = ImageSpec(kernel=inspect_kernel(m.cfg.kernel), extra_files={where: st.binary})
-        m.cfg.initrd = build_image(spec).path
-    else:
-        entries = [cpio.Entry.file(where, st.binary.read_bytes(), 0o755)]
-        m.cfg.initrd = with_overlay(m.cfg.initrd, entries, m.run_dir / "selftest-initrd.cpio")
+    m.cfg.files[guest_path(st.suite).lstrip("/")] = st.binary
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
