@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed import paths
-from testbed.boot.commands import _terminate_on_signals
+from testbed.boot.commands import terminate_on_signals
 from testbed.boot.kernelimage import inspect_kernel, resolve_kernel
 from testbed.boot.machine import resolve_accel
 from testbed.build.initramfs import ImageSpec, build_image
@@ -64,7 +64,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from testbed.report.junit import write_junit
     from testbed.report.summary import print_summary
 
-    _terminate_on_signals()
+    terminate_on_signals()
     started = time.time()
     scenarios = select(args.scenario)
     bugs = tuple(args.bug or ())
@@ -124,7 +124,7 @@ def matrix_rows(per_bug: dict[str, list[list[ScenarioResult]]], checks: list[str
 def cmd_matrix(args: argparse.Namespace) -> int:
     from testbed.report.common import text_env
 
-    _terminate_on_signals()
+    terminate_on_signals()
     started = time.time()
     scenarios = select(args.scenario)
     bugs = [""] + list(args.bug or BUGS)

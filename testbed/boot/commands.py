@@ -107,7 +107,7 @@ def boot_with_progress(m: Machine) -> None:
     prog.done(f"ready in {m.timings.get('boot', 0) + m.timings.get('ssh', 0):.1f}s")
 
 
-def _terminate_on_signals() -> None:
+def terminate_on_signals() -> None:
     """SIGINT/SIGTERM/SIGHUP unwind like Ctrl-C, so every guest is stopped and cleaned up.
 
     SIGINT too: a process started in the background by a non-interactive shell
@@ -132,7 +132,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
         argv = argv[1:]
     if not argv:
         argv = ["tb-pkey_fault"]  # the built-in default: prove MPK works in the guest
-    _terminate_on_signals()
+    terminate_on_signals()
     m = machine_from_args(args, "exec")
     boot_with_progress(m)
     snapper = None
@@ -169,7 +169,7 @@ def snapshot_on_checkpoints(m: Machine, folder: Path) -> Any:
 
 
 def cmd_boot(args: argparse.Namespace) -> int:
-    _terminate_on_signals()
+    terminate_on_signals()
     m = machine_from_args(args, "boot")
     boot_with_progress(m)
     try:

@@ -464,10 +464,10 @@ def put_in_image(m: Any, st: Any) -> None:
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
-    from testbed.boot.commands import _terminate_on_signals, boot_with_progress, machine_from_args
+    from testbed.boot.commands import boot_with_progress, machine_from_args, terminate_on_signals
     from testbed.build.selftests import build_selftest
 
-    _terminate_on_signals()
+    terminate_on_signals()
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     t0 = time.monotonic()
     st = build_selftest(args.suite, args.source)
