@@ -595,10 +595,15 @@ class PageTableWalker:
             )
         return out
 
-    def top_entries(self, root: int) -> list[Entry]:
-        """Non-empty entries of the root table (PGD; level 5 with LA57, else level 4)."""
+    def top_entries(self, root: int, *, user_only: bool = False) -> list[Entry]:
+        """Non-empty entries of the root table (PGD; level 5 with LA57, else level 4).
+
+        ``user_only``: only the user half (entries 0-255), without decoding the rest.
+        """
         table = self._root(root)
         raws = self.read_table(table, via=f"root 0x{table:x}")
+        if user_only:
+            raws = raws[: ENTRIES // 2]
         lvl = self.levels
         return [
             self._decode(r, lvl, i, table, self._entry_va(0, lvl, i))
@@ -613,13 +618,10 @@ class PageTableWalker:
         These are the RPAL slot entries: slot n covers [n << 39, (n + 1) << 39).
         """
         if self.levels == 4:
-            tops = self.top_entries(root)
-            return [e for e in tops if not user_only or e.index < ENTRIES // 2]
+            return self.top_entries(root, user_only=user_only)
         out: list[Entry] = []
         root_p = self._root(root)
-        for top in self.top_entries(root):
-            if user_only and top.index >= ENTRIES // 2:
-                continue
+        for top in self.top_entries(root, user_only=user_only):
             if top.kind is not EntryKind.TABLE:
                 continue
             if top.addr == root_p:
