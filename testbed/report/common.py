@@ -211,23 +211,20 @@ def json_default(o: Any) -> Any:
     return str(o)
 
 
-def text_env() -> jinja2.Environment:
-    """Plain-text templates (no escaping: the terminal is not a browser)."""
+def _env(**options: Any) -> jinja2.Environment:
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES),
         trim_blocks=True,
         lstrip_blocks=True,
         undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        autoescape=False,
+        **options,
     )
+
+
+def text_env() -> jinja2.Environment:
+    """Plain-text templates (no escaping: the terminal is not a browser)."""
+    return _env(keep_trailing_newline=True, autoescape=False)
 
 
 def html_env() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES),
-        trim_blocks=True,
-        lstrip_blocks=True,
-        undefined=jinja2.StrictUndefined,
-        autoescape=True,
-    )
+    return _env(autoescape=True)

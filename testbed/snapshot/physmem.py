@@ -31,7 +31,7 @@ import contextlib
 import mmap
 import os
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
 
@@ -223,9 +223,7 @@ class PmemsaveMemory:
         _check_ranges(self._ranges, phys, length, "the QEMU guest")
         if length == 0:
             return b""
-        fd, name = tempfile.mkstemp(prefix="testbed-pmem-", dir=self._tmpdir)
-        try:
-            os.close(fd)
+        with _pmemsave_file(phys, length, self._tmpdir) as (name, result):
             try:
                 self._run("pmemsave", {"val": phys, "size": length, "filename": name})
             except TestbedError:
@@ -234,13 +232,26 @@ class PmemsaveMemory:
                 raise PhysMemError(
                     f"QMP pmemsave of {length} bytes at {phys:#x} failed: {e}"
                 ) from e
-            data = Path(name).read_bytes()
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(name)
-        if len(data) != length:
-            raise PhysMemError(f"pmemsave at {phys:#x} wrote {len(data)} bytes, not {length}")
-        return data
+        return result[0]
+
+
+@contextlib.contextmanager
+def _pmemsave_file(
+    phys: int, length: int, tmpdir: str | os.PathLike[str] | None
+) -> Iterator[tuple[str, list[bytes]]]:
+    """A temporary file for QEMU to pmemsave into; on exit its bytes (checked) land in the list."""
+    fd, name = tempfile.mkstemp(prefix="testbed-pmem-", dir=tmpdir)
+    os.close(fd)
+    result: list[bytes] = []
+    try:
+        yield name, result
+        data = Path(name).read_bytes()
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
+    if len(data) != length:
+        raise PhysMemError(f"pmemsave at {phys:#x} wrote {len(data)} bytes, not {length}")
+    result.append(data)
 
 
 async def pmemsave_read(
@@ -257,17 +268,9 @@ async def pmemsave_read(
         assert isinstance(summary, dict)
         ram_size = int(summary["base-memory"])
     _check_ranges([(s, e) for s, e, _ in pc_ram_ranges(ram_size)], phys, length, "the QEMU guest")
-    fd, name = tempfile.mkstemp(prefix="testbed-pmem-", dir=tmpdir)
-    try:
-        os.close(fd)
+    with _pmemsave_file(phys, length, tmpdir) as (name, result):
         await qmp.execute("pmemsave", {"val": phys, "size": length, "filename": name})
-        data = Path(name).read_bytes()
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name)
-    if len(data) != length:
-        raise PhysMemError(f"pmemsave at {phys:#x} wrote {len(data)} bytes, not {length}")
-    return data
+    return result[0]
 
 
 class ElfDumpMemory(_Mapped):
