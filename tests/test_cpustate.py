@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,19 +68,45 @@ def test_parse_missing_register_is_an_error() -> None:
 
 
 class FakeQmp:
-    """Answers the QMP commands the snapshot uses, the way QEMU 7.2 does."""
+    """Answers the QMP commands the snapshot uses, the way QEMU 7.2 does.
 
-    def __init__(self, status: str, stream: bytes, *, fail: bool = False) -> None:
+    ``events``: announce the migration's end with a MIGRATION event (QEMU
+    does once capability ``events`` is set); without, only ``query-migrate``
+    tells (the third poll says completed or failed).
+    """
+
+    def __init__(
+        self, status: str, stream: bytes, *, fail: bool = False, events: bool = True
+    ) -> None:
         self.status = status
         self.stream = stream
         self.fail = fail
+        self.events = events
         self.log: list[str] = []
         self.fd = -1
         self.polls = 0
         self.fdname = ""
+        self.capabilities: set[str] = set()
+        self.listeners: list[Any] = []
 
     def send_fd_scm(self, fd: int) -> None:
         self.fd = fd
+
+    @contextlib.contextmanager
+    def listen(self, listener: Any) -> Iterator[None]:
+        self.listeners.append(listener)
+        try:
+            yield
+        finally:
+            self.listeners.remove(listener)
+
+    async def _announce_end(self) -> None:
+        await asyncio.sleep(0.001)  # QEMU's migration thread finishes after 'migrate' returned
+        end = "failed" if self.fail else "completed"
+        if not self.fail:
+            self.status = "postmigrate"
+        for listener in list(self.listeners):
+            await listener.put({"event": "MIGRATION", "data": {"status": end}})
 
     async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> object:
         self.log.append(cmd)
@@ -90,11 +119,16 @@ class FakeQmp:
         elif cmd == "getfd":
             assert args is not None
             self.fdname = args["fdname"]
+        elif cmd == "migrate-set-capabilities":
+            assert args is not None
+            self.capabilities |= {c["capability"] for c in args["capabilities"] if c["state"]}
         elif cmd == "migrate":
             assert args == {"uri": f"fd:{self.fdname}"}
             assert self.status != "running", "migrating a running VM"
             os.write(self.fd, self.stream)  # QEMU writes through its copy of the fd
             self.polls = 0
+            if self.events and "events" in self.capabilities:
+                self.ending = asyncio.get_running_loop().create_task(self._announce_end())
         elif cmd == "query-migrate":
             self.polls += 1
             if self.polls < 3:
@@ -144,6 +178,44 @@ def test_failed_migration_is_an_error_and_vm_continues() -> None:
     with pytest.raises(TestbedError, match="disk on fire"):
         asyncio.run(cpustate.snapshot_cpus(q))  # type: ignore[arg-type]
     assert q.status == "running" and q.log[-1] == "cont"
+
+
+def test_completion_comes_from_the_migration_event() -> None:
+    q = FakeQmp("running", STREAM)
+    snap = asyncio.run(cpustate.snapshot_cpus(q))  # type: ignore[arg-type]
+    assert {"x-ignore-shared", "events"} <= q.capabilities
+    assert "query-migrate" not in q.log  # the event said completed: no polling
+    assert q.log[q.log.index("stop") :][:3] == ["stop", "getfd", "migrate"]
+    assert snap.vcpu(1).pkru == 0x5A5A5A54
+
+
+def test_completion_without_events_is_polled() -> None:
+    q = FakeQmp("running", STREAM, events=False)
+    snap = asyncio.run(cpustate.snapshot_cpus(q))  # type: ignore[arg-type]
+    assert q.log.count("query-migrate") == 3 and q.status == "running"
+    assert snap.vcpu(0).pkru == 0
+
+
+def test_failure_event_is_an_error() -> None:
+    q = FakeQmp("running", STREAM, fail=True)
+    with pytest.raises(TestbedError, match="snapshot migration failed"):
+        asyncio.run(cpustate.snapshot_cpus(q))  # type: ignore[arg-type]
+    assert q.status == "running"
+
+
+def test_without_resume_the_vm_stays_stopped_for_the_caller() -> None:
+    q = FakeQmp("running", STREAM)
+
+    async def twice() -> None:
+        for _ in range(2):  # capabilities are set once per client
+            snap = await cpustate.snapshot_cpus(q, status="running", resume=False)  # type: ignore[arg-type]
+            assert snap.capture.status_after == "postmigrate" and q.status == "postmigrate"
+            assert snap.capture.stopped_at <= time.perf_counter()
+            await q.execute("cont")
+
+    asyncio.run(twice())
+    once = ["stop", "getfd", "migrate", "cont"]  # 'cont' is the caller's; no query-status
+    assert q.log == ["migrate-set-capabilities"] + once + once
 
 
 def test_read_all_registers_via_hmp() -> None:

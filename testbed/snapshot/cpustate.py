@@ -24,12 +24,15 @@ import itertools
 import os
 import re
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from qemu.qmp import EventListener, ExecuteError
 
 from testbed.errors import TestbedError
-from testbed.snapshot.migstream import VcpuState, parse_migration_stream
+from testbed.snapshot.migstream import VCPU_FIELDS, VcpuState, parse_migration_stream
 
 if TYPE_CHECKING:
     from qemu.qmp import QMPClient
@@ -163,6 +166,8 @@ class MigrationCapture:
     """Wall time of the whole call, QMP round trips and restoring the run state included."""
     status_before: str
     status_after: str
+    stopped_at: float
+    """``time.perf_counter()`` at the stop (if already paused: when the migration began)."""
 
 
 @dataclass(frozen=True)
@@ -189,26 +194,92 @@ async def _status(qmp: QMPClient) -> str:
 
 async def _qmp(qmp: QMPClient, cmd: str, args: dict[str, object] | None = None) -> object:
     """Run a QMP command; QMP errors become one-line TestbedErrors."""
-    from qemu.qmp import ExecuteError
-
     try:
         return await qmp.execute(cmd, args)
     except ExecuteError as e:
         raise TestbedError(f"QMP {cmd} failed: {e}") from e
 
 
+_prepared: weakref.WeakSet[Any] = weakref.WeakSet()
+"""QMP clients whose migration capabilities are already set (they stay set in QEMU)."""
+
+
+async def _prepare(qmp: QMPClient) -> None:
+    """Once per QMP client: capabilities ``x-ignore-shared`` and ``events``.
+
+    ``x-ignore-shared`` keeps RAM on a shared backend out of the stream;
+    ``events`` makes QEMU announce the migration's progress (MIGRATION
+    events), so completion is seen without polling.
+    """
+    if qmp in _prepared:
+        return
+    await _qmp(
+        qmp,
+        "migrate-set-capabilities",
+        {
+            "capabilities": [
+                {"capability": "x-ignore-shared", "state": True},
+                {"capability": "events", "state": True},
+            ]
+        },
+    )
+    _prepared.add(qmp)
+
+
+async def _wait_migration(
+    qmp: QMPClient, listener: EventListener, before: str, timeout: float, poll_interval: float
+) -> None:
+    """Until the migration completed: MIGRATION events, and ``query-migrate`` as a
+    safety net whenever no event came for ``poll_interval`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            event = await asyncio.wait_for(listener.get(), poll_interval)
+            data = event.get("data")
+            state = data.get("status") if isinstance(data, dict) else None
+            if state not in ("completed", "failed", "cancelled"):
+                continue
+        except TimeoutError:
+            state = None
+        info: dict[str, Any] = {}
+        if state != "completed":
+            reply = await _qmp(qmp, "query-migrate")
+            assert isinstance(reply, dict)
+            info, state = reply, reply.get("status")
+        if state == "completed":
+            return
+        if state in ("failed", "cancelled"):
+            raise TestbedError(
+                f"snapshot migration {state} (status before: {before}): "
+                f"{info.get('error-desc', 'no error-desc')}"
+            )
+        if time.monotonic() > deadline:
+            await _qmp(qmp, "migrate_cancel")
+            raise TestbedError(f"snapshot migration still {state!r} after {timeout:g} s; cancelled")
+
+
 async def take_migration_stream(
     qmp: QMPClient,
     *,
     timeout: float = 30.0,
-    poll_interval: float = 0.0005,
+    poll_interval: float = 0.05,
     resume_postmigrate: bool = False,
+    resume: bool = True,
+    status: str | None = None,
 ) -> MigrationCapture:
     """Migrate the VM into a memfd and return the stream; restore the run state.
 
-    Sets capability ``x-ignore-shared`` first, so guest RAM on a shared
-    memory backend is not written into the stream. A running VM is stopped
-    and continued; a paused VM stays stopped (it ends in ``postmigrate``).
+    Sets capabilities ``x-ignore-shared`` (RAM on a shared memory backend is
+    not written into the stream) and ``events`` first, once per client. A
+    running VM is stopped and, with ``resume`` (the default), continued; a
+    paused VM stays stopped (it ends in ``postmigrate``). Without ``resume``
+    the VM is left stopped: the caller reads guest memory of the same moment
+    and sends ``cont`` itself. ``status``: the run state the caller just
+    queried (saves a round trip).
+
+    ``stop``, ``getfd`` and ``migrate`` are sent together (QMP runs commands
+    in order); completion comes as a MIGRATION event, with ``query-migrate``
+    polled every ``poll_interval`` s in case no event arrives.
 
     QEMU 7.2 refuses to migrate a VM in ``postmigrate`` ("Can't migrate the
     vm that was paused due to previous migration"), i.e. a second snapshot
@@ -217,7 +288,7 @@ async def take_migration_stream(
     again first (the guest runs for the few QMP round trips in between).
     """
     t_start = time.perf_counter()
-    before = await _status(qmp)
+    before = status if status is not None else await _status(qmp)
     if before == "postmigrate":
         if not resume_postmigrate:
             raise TestbedError(
@@ -227,63 +298,72 @@ async def take_migration_stream(
         await _qmp(qmp, "cont")
         await _qmp(qmp, "stop")
     was_running = before == "running"
-    await _qmp(
-        qmp,
-        "migrate-set-capabilities",
-        {"capabilities": [{"capability": "x-ignore-shared", "state": True}]},
-    )
+    await _prepare(qmp)
     fd = os.memfd_create("testbed-migstream", os.MFD_CLOEXEC)
     name = f"testbed-snap-{os.getpid()}-{next(_fd_names)}"
     stopped = False
+    listener = EventListener(("MIGRATION",))
     try:
-        if was_running:
-            await _qmp(qmp, "stop")
-            stopped = True
-        t_stop = time.perf_counter()
-        qmp.send_fd_scm(fd)
-        await _qmp(qmp, "getfd", {"fdname": name})
-        await _qmp(qmp, "migrate", {"uri": f"fd:{name}"})
-        deadline = time.monotonic() + timeout
-        while True:
-            info = await _qmp(qmp, "query-migrate")
-            assert isinstance(info, dict)
-            state = info.get("status")
-            if state == "completed":
-                break
-            if state in ("failed", "cancelled"):
-                raise TestbedError(
-                    f"snapshot migration {state} (status before: {before}): "
-                    f"{info.get('error-desc', 'no error-desc')}"
-                )
-            if time.monotonic() > deadline:
-                await _qmp(qmp, "migrate_cancel")
-                raise TestbedError(
-                    f"snapshot migration still {state!r} after {timeout:g} s; cancelled"
-                )
-            await asyncio.sleep(poll_interval)
+        with qmp.listen(listener):
+            t_stop = time.perf_counter()
+            qmp.send_fd_scm(fd)  # before getfd is even queued
+            steps: list[tuple[str, dict[str, str] | None]] = [
+                ("getfd", {"fdname": name}),
+                ("migrate", {"uri": f"fd:{name}"}),
+            ]
+            if was_running:
+                steps.insert(0, ("stop", None))
+            results = await asyncio.gather(
+                *(qmp.execute(cmd, args) for cmd, args in steps), return_exceptions=True
+            )
+            stopped = was_running and not isinstance(results[0], BaseException)
+            for (cmd, _), res in zip(steps, results, strict=True):
+                if isinstance(res, BaseException):
+                    if isinstance(res, ExecuteError):
+                        raise TestbedError(f"QMP {cmd} failed: {res}") from res
+                    raise res
+            await _wait_migration(qmp, listener, before, timeout, poll_interval)
         t_done = time.perf_counter()
         os.lseek(fd, 0, os.SEEK_SET)
         chunks = []
         while chunk := os.read(fd, 1 << 20):
             chunks.append(chunk)
         stream = b"".join(chunks)
-    finally:
-        os.close(fd)
+    except BaseException:
         if stopped:
             await _qmp(qmp, "cont")
-    after = await _status(qmp)
+        raise
+    finally:
+        os.close(fd)
+    if stopped and resume:
+        await _qmp(qmp, "cont")
+        after = await _status(qmp)
+    else:
+        after = "postmigrate"  # what QEMU 7.2 reports after a completed migration
     return MigrationCapture(
         stream=stream,
         seconds=t_done - t_stop,
         total_seconds=time.perf_counter() - t_start,
         status_before=before,
         status_after=after,
+        stopped_at=t_stop,
     )
 
 
 async def snapshot_cpus(
-    qmp: QMPClient, *, timeout: float = 30.0, resume_postmigrate: bool = False
+    qmp: QMPClient,
+    *,
+    timeout: float = 30.0,
+    resume_postmigrate: bool = False,
+    resume: bool = True,
+    status: str | None = None,
 ) -> CpuSnapshot:
-    """Per-vCPU state (PKRU, CR0/CR3/CR4/EFER, CPL, ...) from a migration-stream snapshot."""
-    cap = await take_migration_stream(qmp, timeout=timeout, resume_postmigrate=resume_postmigrate)
-    return CpuSnapshot(vcpus=tuple(parse_migration_stream(cap.stream).vcpus), capture=cap)
+    """Per-vCPU state (PKRU, CR0/CR3/CR4/EFER, CPL, ...) from a migration-stream snapshot.
+
+    ``resume``/``status``: see :func:`take_migration_stream`.
+    """
+    cap = await take_migration_stream(
+        qmp, timeout=timeout, resume_postmigrate=resume_postmigrate, resume=resume, status=status
+    )
+    vcpus = parse_migration_stream(cap.stream, only=VCPU_FIELDS).vcpus
+    return CpuSnapshot(vcpus=tuple(vcpus), capture=cap)

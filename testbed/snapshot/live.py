@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.boot.qmp import QMP
-from testbed.snapshot.cpustate import snapshot_cpus
+from testbed.snapshot.cpustate import CpuSnapshot, snapshot_cpus
 from testbed.snapshot.kernel import KernelView
 from testbed.snapshot.kernel_image import KernelImage
 from testbed.snapshot.physmem import SharedFileMemory
@@ -47,13 +47,11 @@ class LiveSnapshotter:
         self, name: str, trigger: Trigger | None, **assemble_args: Any
     ) -> dict[str, Any]:
         t0 = time.perf_counter()
-        was_running = bool(self.qmp.execute("query-status").get("running"))
-        if was_running:
-            self.qmp.execute("stop")
+        cpu_snap = self.qmp.run(self._pause_and_read_cpus())
+        was_running = cpu_snap.capture.status_before == "running"
         try:
-            t_stop = time.perf_counter()
-            cpus = self.qmp.run(snapshot_cpus(self.qmp.client)).vcpus
             t_cpus = time.perf_counter()
+            cpus = cpu_snap.vcpus
             if self._view is None:
                 levels = 5 if any(v.la57 for v in cpus) else 4
                 self._view = KernelView.attach(
@@ -67,12 +65,20 @@ class LiveSnapshotter:
                 self.qmp.execute("cont")
         t_end = time.perf_counter()
         snap["timing"].update(
-            cpus_ms=round((t_cpus - t_stop) * 1000, 2),
+            cpus_ms=round((t_cpus - t0) * 1000, 2),
+            migration_ms=round(cpu_snap.capture.seconds * 1000, 2),
             attach_ms=round((t_attach - t_cpus) * 1000, 2),
-            paused_ms=round((t_end - t_stop) * 1000, 2),
+            paused_ms=round((t_end - cpu_snap.capture.stopped_at) * 1000, 2),
             total_ms=round((t_end - t0) * 1000, 2),
         )
         return snap
+
+    async def _pause_and_read_cpus(self) -> CpuSnapshot:
+        """Query the run state, stop a running guest and read its vCPUs; leave it stopped."""
+        client = self.qmp.client
+        status = await client.execute("query-status")
+        assert isinstance(status, dict)
+        return await snapshot_cpus(client, status=str(status["status"]), resume=False)
 
     def close(self) -> None:
         self.memory.close()

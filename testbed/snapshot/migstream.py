@@ -95,7 +95,8 @@ class VcpuState:
     rsp: int
     hflags: int
     fields: Mapping[str, Any] = field(repr=False)
-    """Every decoded field of the section, subsections as nested mappings by name."""
+    """The decoded fields of the section (all, or those asked for with ``only``),
+    subsections as nested mappings by name."""
 
     @property
     def cpl(self) -> int:
@@ -228,15 +229,31 @@ def find_description(data: bytes) -> tuple[int, dict[str, Any]]:
         if p + 5 <= n and int.from_bytes(data[p + 1 : p + 5], "big") == n - p - 5:
             if data[p + 5 : p + 6] == b"{" and data[p - 1] == QEMU_VM_EOF:
                 break
+    return p - 1, _load_description(bytes(data[p + 5 :]), p + 5)
+
+
+_DESCRIPTIONS: dict[bytes, dict[str, Any]] = {}
+"""Parsed descriptions by their JSON text: one machine writes the same one every time."""
+_DESCRIPTIONS_MAX = 16
+
+
+def _load_description(text: bytes, offset: int) -> dict[str, Any]:
+    """The VMDESCRIPTION JSON, parsed (cached: callers must not modify the result)."""
+    desc = _DESCRIPTIONS.get(text)
+    if desc is not None:
+        return desc
     try:
-        desc = json.loads(data[p + 5 :].decode("utf-8"))
+        loaded = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise MigrationStreamError(
-            f"VMDESCRIPTION JSON at offset 0x{p + 5:x} is corrupt: {e}"
+            f"VMDESCRIPTION JSON at offset 0x{offset:x} is corrupt: {e}"
         ) from e
-    if not isinstance(desc, dict) or not isinstance(desc.get("devices"), list):
-        raise MigrationStreamError(f"VMDESCRIPTION at offset 0x{p + 5:x} has no device list")
-    return p - 1, desc
+    if not isinstance(loaded, dict) or not isinstance(loaded.get("devices"), list):
+        raise MigrationStreamError(f"VMDESCRIPTION at offset 0x{offset:x} has no device list")
+    if len(_DESCRIPTIONS) >= _DESCRIPTIONS_MAX:
+        _DESCRIPTIONS.pop(next(iter(_DESCRIPTIONS)))
+    _DESCRIPTIONS[text] = loaded
+    return loaded
 
 
 # ---------------------------------------------------------------------------
@@ -287,34 +304,62 @@ def _read_value(r: _Reader, f: Mapping[str, Any], where: str) -> Any:
     return r.take(size, name)
 
 
-def _read_vmsd(r: _Reader, desc: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """Fields then subsections of one vmstate description."""
+def _read_vmsd(
+    r: _Reader, desc: Mapping[str, Any], where: str, only: Collection[str] | None = None
+) -> dict[str, Any]:
+    """Fields then subsections of one vmstate description.
+
+    ``only`` (names of fields and subsections): decode just those and move
+    past the others by their described sizes; None decodes everything.
+    """
     out: dict[str, Any] = {}
     fields = desc.get("fields")
     if not isinstance(fields, list):
         raise MigrationStreamError(f"description of {where} has no fields (old-style section?)")
     for f in fields:
+        if only is not None and f["name"] not in only:
+            _skip_field(r, f, where)
+            continue
         count = f.get("array_len")
         if count is None:
             _store(out, f["name"], _read_value(r, f, where))
         else:
             _store(out, f["name"], [_read_value(r, f, where) for _ in range(int(count))])
     for sub in desc.get("subsections", ()):
-        want = sub.get("vmsd_name", "?")
-        at = r.pos
-        tag = r.u8(f"subsection marker of {want}")
-        if tag != QEMU_VM_SUBSECTION:
-            raise MigrationStreamError(
-                f"expected subsection {want} of {where} at offset 0x{at:x}, found byte 0x{tag:02x}"
-            )
-        got = r.string8(f"subsection name in {where}")
-        if got != want:
-            raise MigrationStreamError(
-                f"subsection at offset 0x{at:x} is {got!r}, the description says {want!r}"
-            )
-        r.be32(f"version of subsection {got}")
-        out[got] = _read_vmsd(r, sub, got)
+        got = _subsection_header(r, sub, where)
+        if only is None or got in only:
+            out[got] = _read_vmsd(r, sub, got)
+        else:
+            _skip_vmsd(r, sub, got)
     return out
+
+
+def _subsection_header(r: _Reader, sub: Mapping[str, Any], where: str) -> str:
+    """Read and check the marker, name and version of the subsection ``sub`` describes."""
+    want = sub.get("vmsd_name", "?")
+    at = r.pos
+    tag = r.u8(f"subsection marker of {want}")
+    got = r.string8(f"subsection name in {where}") if tag == QEMU_VM_SUBSECTION else None
+    if got != want:
+        raise MigrationStreamError(
+            f"expected subsection {want} of {where} at offset 0x{at:x}, found "
+            + (f"{got!r}" if got is not None else f"byte 0x{tag:02x}")
+        )
+    r.be32(f"version of subsection {got}")
+    return want
+
+
+def _skip_field(r: _Reader, f: Mapping[str, Any], where: str) -> None:
+    """Move past one field (all its array elements) by its described size."""
+    size = f.get("size")
+    count = f.get("array_len", 1)
+    if isinstance(size, int) and isinstance(count, int) and size >= 0 and count >= 0:
+        r.skip(size * count, f"{where}.{f.get('name', '?')}")
+    elif "array_len" in f:
+        for _ in range(int(count)):
+            _read_value(r, f, where)
+    else:
+        _read_value(r, f, where)
 
 
 def _skip_vmsd(r: _Reader, desc: Mapping[str, Any], where: str) -> None:
@@ -328,27 +373,9 @@ def _skip_vmsd(r: _Reader, desc: Mapping[str, Any], where: str) -> None:
     if not isinstance(fields, list):
         raise MigrationStreamError(f"description of {where} has no fields (old-style section?)")
     for f in fields:
-        size = f.get("size")
-        count = f.get("array_len", 1)
-        if isinstance(size, int) and isinstance(count, int) and size >= 0 and count >= 0:
-            r.skip(size * count, f"{where}.{f.get('name', '?')}")
-        elif "array_len" in f:
-            for _ in range(int(count)):
-                _read_value(r, f, where)
-        else:
-            _read_value(r, f, where)
+        _skip_field(r, f, where)
     for sub in desc.get("subsections", ()):
-        want = sub.get("vmsd_name", "?")
-        at = r.pos
-        tag = r.u8(f"subsection marker of {want}")
-        got = r.string8(f"subsection name in {where}") if tag == QEMU_VM_SUBSECTION else None
-        if got != want:
-            raise MigrationStreamError(
-                f"expected subsection {want} of {where} at offset 0x{at:x}, found "
-                + (f"{got!r}" if got is not None else f"byte 0x{tag:02x}")
-            )
-        r.be32(f"version of subsection {got}")
-        _skip_vmsd(r, sub, want)
+        _skip_vmsd(r, sub, _subsection_header(r, sub, where))
 
 
 # ---------------------------------------------------------------------------
@@ -472,18 +499,31 @@ def _vcpu(sec: Section) -> VcpuState:
     )
 
 
+VCPU_FIELDS = frozenset(
+    {"env.regs", "env.eip", "env.hflags", "env.efer", "env.cr[0]", "env.cr[2]", "env.cr[3]",
+     "env.cr[4]", "cpu/pkru"}
+)  # fmt: skip
+"""The fields and subsections of a ``cpu`` section that :class:`VcpuState` is made of."""
+
+
 def parse_migration_stream(
-    data: bytes, *, decode: Collection[str] | None = ("cpu",)
+    data: bytes,
+    *,
+    decode: Collection[str] | None = ("cpu",),
+    only: Collection[str] | None = None,
 ) -> MigrationStream:
     """Parse a whole QEMU 7.2 migration stream (see the module docstring).
 
     Sections whose name is in ``decode`` (None: all) are decoded field by
     field; the others are walked by their described sizes only (their
-    ``Section.fields`` is None), which is several times faster.
-    Raises MigrationStreamError (a TestbedError, one line) on any problem.
+    ``Section.fields`` is None), which is several times faster. ``only``
+    narrows the decoded sections to those fields and subsections (e.g.
+    :data:`VCPU_FIELDS`); the rest is walked by size, subsection names
+    still checked. Raises MigrationStreamError (a TestbedError, one line)
+    on any problem.
     """
     try:
-        return _parse(data, decode)
+        return _parse(data, decode, only)
     except MigrationStreamError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
@@ -492,7 +532,9 @@ def parse_migration_stream(
         ) from e
 
 
-def _parse(data: bytes, decode: Collection[str] | None) -> MigrationStream:
+def _parse(
+    data: bytes, decode: Collection[str] | None, only: Collection[str] | None
+) -> MigrationStream:
     if len(data) < 8:
         raise MigrationStreamError(f"migration stream too short ({len(data)} bytes)")
     magic, version = struct.unpack(">II", data[:8])
@@ -546,7 +588,7 @@ def _parse(data: bytes, decode: Collection[str] | None) -> MigrationStream:
                     )
                 fields: dict[str, Any] | None = None
                 if decode is None or name in decode:
-                    fields = _read_vmsd(r, d, f"{name}[{inst}]")
+                    fields = _read_vmsd(r, d, f"{name}[{inst}]", only)
                 else:
                     _skip_vmsd(r, d, f"{name}[{inst}]")
                 sections.append(Section(sid, name, inst, ver, at, fields))

@@ -31,6 +31,8 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
+from itertools import compress
+from typing import NamedTuple
 
 from testbed.errors import TestbedError
 
@@ -148,9 +150,15 @@ def _addr_mask(level: int, leaf: bool, maxphyaddr: int) -> int:
     return ((1 << maxphyaddr) - 1) & ~((1 << low) - 1)
 
 
-@dataclass(frozen=True)
 class Entry:
-    """One page-table entry, every bit decoded."""
+    """One page-table entry, every bit decoded.
+
+    Immutable. The kind and address are worked out when the entry is made;
+    the single bits are read from ``raw`` on access (a snapshot makes
+    thousands of entries and reads few of their bits).
+    """
+
+    __slots__ = ("raw", "level", "index", "table", "va", "kind", "addr")
 
     raw: int
     level: int
@@ -160,29 +168,112 @@ class Entry:
     va: int
     """Canonical start of the VA range this entry covers."""
     kind: EntryKind
-    present: bool
-    write: bool
-    user: bool
-    pwt: bool
-    pcd: bool
-    accessed: bool
-    dirty: bool
-    ps: bool
-    """Bit 7 at levels 2-3 (page size); False elsewhere (at level 1 bit 7 is PAT)."""
-    pat: bool
-    """PAT bit of a leaf: bit 7 of a 4 KiB PTE, bit 12 of a 2 MiB / 1 GiB leaf."""
-    global_: bool
-    sw9: bool
-    sw10: bool
-    sw11: bool
-    soft_high: int
-    """Software bits 52-58 as a 7-bit number (bit 52 = 1)."""
-    pkey: int
-    """Protection key, bits 59-62 (meaningful on present leaves with CR4.PKE)."""
-    nx: bool
     addr: int
     """Physical address field, masked for the level (2 MiB/1 GiB aligned for huge leaves)
     and MAXPHYADDR; for PROTNONE entries the un-inverted PFN; 0 for SWAP/EMPTY."""
+
+    def __init__(
+        self, raw: int, level: int, index: int, table: int, va: int, kind: EntryKind, addr: int
+    ) -> None:
+        setattr_ = object.__setattr__
+        setattr_(self, "raw", raw)
+        setattr_(self, "level", level)
+        setattr_(self, "index", index)
+        setattr_(self, "table", table)
+        setattr_(self, "va", va)
+        setattr_(self, "kind", kind)
+        setattr_(self, "addr", addr)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"Entry is immutable (tried to set {name})")
+
+    def _key(self) -> tuple[int, int, int, int, int, EntryKind, int]:
+        return (self.raw, self.level, self.index, self.table, self.va, self.kind, self.addr)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Entry) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (
+            f"Entry(raw=0x{self.raw:016x}, level={self.level}, index={self.index}, "
+            f"table=0x{self.table:x}, va=0x{self.va:x}, kind={self.kind.name}, "
+            f"addr=0x{self.addr:x})"
+        )
+
+    @property
+    def present(self) -> bool:
+        return bool(self.raw & P_PRESENT)
+
+    @property
+    def write(self) -> bool:
+        return bool(self.raw & P_RW)
+
+    @property
+    def user(self) -> bool:
+        return bool(self.raw & P_USER)
+
+    @property
+    def pwt(self) -> bool:
+        return bool(self.raw & P_PWT)
+
+    @property
+    def pcd(self) -> bool:
+        return bool(self.raw & P_PCD)
+
+    @property
+    def accessed(self) -> bool:
+        return bool(self.raw & P_ACCESSED)
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.raw & P_DIRTY)
+
+    @property
+    def ps(self) -> bool:
+        """Bit 7 at levels 2-3 (page size); False elsewhere (at level 1 bit 7 is PAT)."""
+        return self.level in (2, 3) and bool(self.raw & P_PSE)
+
+    @property
+    def pat(self) -> bool:
+        """PAT bit of a leaf: bit 7 of a 4 KiB PTE, bit 12 of a 2 MiB / 1 GiB leaf."""
+        if self.level == 1:
+            return bool(self.raw & P_PSE)
+        if self.ps and self.kind in (EntryKind.LEAF, EntryKind.PROTNONE):
+            return bool(self.raw & P_PAT_LARGE)
+        return False
+
+    @property
+    def global_(self) -> bool:
+        return bool(self.raw & P_GLOBAL)
+
+    @property
+    def sw9(self) -> bool:
+        return bool(self.raw >> 9 & 1)
+
+    @property
+    def sw10(self) -> bool:
+        return bool(self.raw >> 10 & 1)
+
+    @property
+    def sw11(self) -> bool:
+        return bool(self.raw >> 11 & 1)
+
+    @property
+    def soft_high(self) -> int:
+        """Software bits 52-58 as a 7-bit number (bit 52 = 1)."""
+        return (self.raw & SOFT_HIGH_MASK) >> SOFT_HIGH_SHIFT
+
+    @property
+    def pkey(self) -> int:
+        """Protection key, bits 59-62 (meaningful on present leaves with CR4.PKE)."""
+        return (self.raw & PKEY_MASK) >> PKEY_SHIFT
+
+    @property
+    def nx(self) -> bool:
+        return bool(self.raw & P_NX)
 
     @property
     def page_size(self) -> int:
@@ -253,47 +344,16 @@ def decode_entry(
     if level not in LEVEL_SHIFT:
         raise ValueError(f"level must be 1..5, not {level}")
     kind = _kind(raw, level)
-    huge_leaf = (
-        kind in (EntryKind.LEAF, EntryKind.PROTNONE) and level in (2, 3) and bool(raw & P_PSE)
-    )
-    leafish = kind is EntryKind.LEAF or huge_leaf
-    if kind is EntryKind.PROTNONE:
-        addr = (~raw) & _addr_mask(level, huge_leaf, maxphyaddr)
-    elif kind in (EntryKind.LEAF, EntryKind.TABLE):
-        addr = raw & _addr_mask(level, leafish, maxphyaddr)
+    if kind is EntryKind.TABLE:
+        addr = raw & _addr_mask(level, False, maxphyaddr)
+    elif kind is EntryKind.LEAF:
+        addr = raw & _addr_mask(level, True, maxphyaddr)
+    elif kind is EntryKind.PROTNONE:
+        huge = level in (2, 3) and bool(raw & P_PSE)
+        addr = (~raw) & _addr_mask(level, huge, maxphyaddr)
     else:
         addr = 0
-    if level == 1:
-        pat = bool(raw & P_PSE)
-    elif huge_leaf:
-        pat = bool(raw & P_PAT_LARGE)
-    else:
-        pat = False
-    return Entry(
-        raw=raw,
-        level=level,
-        index=index,
-        table=table,
-        va=va,
-        kind=kind,
-        present=bool(raw & P_PRESENT),
-        write=bool(raw & P_RW),
-        user=bool(raw & P_USER),
-        pwt=bool(raw & P_PWT),
-        pcd=bool(raw & P_PCD),
-        accessed=bool(raw & P_ACCESSED),
-        dirty=bool(raw & P_DIRTY),
-        ps=level in (2, 3) and bool(raw & P_PSE),
-        pat=pat,
-        global_=bool(raw & P_GLOBAL),
-        sw9=bool(raw >> 9 & 1),
-        sw10=bool(raw >> 10 & 1),
-        sw11=bool(raw >> 11 & 1),
-        soft_high=(raw & SOFT_HIGH_MASK) >> SOFT_HIGH_SHIFT,
-        pkey=(raw & PKEY_MASK) >> PKEY_SHIFT,
-        nx=bool(raw & P_NX),
-        addr=addr,
-    )
+    return Entry(raw, level, index, table, va, kind, addr)
 
 
 @dataclass(frozen=True)
@@ -560,9 +620,10 @@ class PageTableWalker:
             anc2 = anc | {phys}
             limit = ENTRIES // 2 if (user_only and level == self.levels) else ENTRIES
             children = []
-            for idx in range(limit):
+            pse_is_leaf = level in (2, 3)
+            for idx in compress(range(limit), raws):  # non-zero entries only, at C speed
                 raw = raws[idx]
-                if not raw & P_PRESENT or (level in (2, 3) and raw & P_PSE):
+                if not raw & P_PRESENT or (pse_is_leaf and raw & P_PSE):
                     continue
                 ebase = base + idx * LEVEL_SPAN[level]
                 e = self._decode(raw, level, idx, phys, canonical(ebase, self.levels))
@@ -637,20 +698,87 @@ class PageTableWalker:
             )
         return out
 
+    def _leaf_runs(
+        self,
+        raws: tuple[int, ...],
+        level: int,
+        base: int,
+        table: int,
+        and_mask: int,
+        or_bits: int,
+        limit: int,
+        include_nonpresent: bool,
+    ) -> list[_Run]:
+        """Runs of consecutive leaf entries with one merge key in one table (see mappings).
+
+        The hot loop of a snapshot (thousands of entries): kept on locals.
+        """
+        span = LEVEL_SPAN[level]
+        huge_mask = ((1 << self.maxphyaddr) - 1) & ~(span - 1)
+        pte_mask = self._table_mask
+        pte_key_mask = and_mask | P_PSE  # a 4 KiB leaf's PAT is bit 7 already
+        out: list[_Run] = []
+        ckey = -1  # the current run: key, first index, last index, phys, raw, contiguous
+        cidx = prev = -2
+        cphys = craw = 0
+        contig = False
+        for idx in compress(range(limit), raws):  # non-zero entries only
+            raw = raws[idx]
+            if raw & P_PRESENT:
+                if level == 1:
+                    addr = raw & pte_mask
+                    key = (raw & pte_key_mask) | or_bits
+                elif raw & P_PSE:
+                    addr = raw & huge_mask
+                    key = (raw & and_mask) | or_bits | (P_PSE if raw & P_PAT_LARGE else 0)
+                else:
+                    continue  # a lower table, walked on its own
+            elif not include_nonpresent:
+                continue
+            else:
+                huge = level > 1 and raw & P_PSE
+                if raw & P_PROTNONE:
+                    addr = ~raw & (huge_mask if huge else pte_mask)
+                else:
+                    addr = 0
+                pat = (raw & P_PAT_LARGE) if huge else (raw & P_PSE if level == 1 else 0)
+                key = (raw & and_mask) | or_bits | (P_PSE if pat else 0)
+            if idx == prev + 1 and key == ckey:
+                if contig and addr != cphys + (idx - cidx) * span:
+                    contig = False
+                prev = idx
+                continue
+            if ckey >= 0:
+                out.append(
+                    _Run(base + cidx * span, base + (prev + 1) * span, ckey, cphys, contig,
+                         prev - cidx + 1, span, level, cidx, table, craw)
+                )  # fmt: skip
+            ckey, cidx, prev, cphys, craw = key, idx, idx, addr, raw
+            contig = bool(key & (P_PRESENT | P_PROTNONE))
+        if ckey >= 0:
+            out.append(
+                _Run(base + cidx * span, base + (prev + 1) * span, ckey, cphys, contig,
+                     prev - cidx + 1, span, level, cidx, table, craw)
+            )  # fmt: skip
+        return out
+
     def mappings(self, root: int, *, include_nonpresent: bool = True) -> list[MappingRange]:
         """All user-half mappings of ``root`` as merged ranges (see :class:`MappingRange`).
 
         Leaves are present pages of any size; with ``include_nonpresent``,
         PROTNONE and SWAP entries at leaf levels are listed too (as ranges of
         their own kind). Effective W/U/NX combine every level of the path.
+
+        Works on raw bits: each table's leaves are first merged into runs of
+        consecutive entries with the same merge key (one integer: the entry's
+        key bits with the path's W/U/NX folded in and PAT moved to bit 7), then
+        the runs of all tables are sorted and merged across table boundaries.
+        Only the first leaf of each range is decoded into an :class:`Entry`.
         """
         # effective (write, user, nx) of the path down to each table of this walk
         eff: dict[int, tuple[bool, bool, bool]] = {}
         user_end = user_va_end(self.levels)
-        pmask = (1 << self.maxphyaddr) - 1
-        # leaf records on raw bits only (decoding every leaf into an Entry is slow):
-        # (va, size, merge key, phys, level, index, table, raw)
-        leaves: list[tuple[int, int, tuple[int, ...], int, int, int, int, int]] = []
+        runs: list[_Run] = []
         for parent, phys, level, base, raws in self._walk(root, user_only=True):
             if parent is None:
                 w, u, x = True, True, False
@@ -658,79 +786,83 @@ class PageTableWalker:
                 pw, pu, px = eff[parent.table]
                 w, u, x = pw and parent.write, pu and parent.user, px or parent.nx
             eff[phys] = (w, u, x)
-            if level == self.levels:
+            if level == self.levels or base >= user_end:
                 continue  # root entries (level 4/5) are never leaves
-            span = LEVEL_SPAN[level]
-            huge_mask = pmask & ~(span - 1)
-            for idx, raw in enumerate(raws):
-                if not raw:
-                    continue
-                if raw & P_PRESENT:
-                    if level > 1 and not raw & P_PSE:
-                        continue  # a lower table, walked on its own
-                    kind = 0
-                    addr = raw & (huge_mask if level > 1 else self._table_mask)
-                elif not include_nonpresent:
-                    continue
-                elif raw & P_PROTNONE:
-                    kind = 1
-                    if level > 1 and raw & P_PSE:
-                        addr = ~raw & huge_mask
-                    else:
-                        addr = ~raw & self._table_mask
-                else:
-                    kind, addr = 2, 0
-                vstart = base + idx * span
-                if vstart >= user_end:
-                    continue
-                pat = raw & P_PSE if level == 1 else raw & P_PAT_LARGE if raw & P_PSE else 0
-                key: tuple[int, ...] = (
-                    kind,
-                    w and bool(raw & P_RW),
-                    u and bool(raw & P_USER),
-                    x or bool(raw & P_NX),
-                    raw & (PKEY_MASK | P_PWT | P_PCD | P_GLOBAL) | bool(pat),
+            # key bits of an entry: clear W/U the path lacks, set NX the path has
+            and_mask = _KEY_BITS & ~((0 if w else P_RW) | (0 if u else P_USER))
+            runs.extend(
+                self._leaf_runs(
+                    raws, level, base, phys, and_mask, P_NX if x else 0,
+                    min(ENTRIES, (user_end - base + LEVEL_SPAN[level] - 1) // LEVEL_SPAN[level]),
+                    include_nonpresent,
                 )
-                leaves.append((vstart, span, key, addr, level, idx, phys, raw))
-        leaves.sort(key=lambda t: t[0])
+            )  # fmt: skip
+        runs.sort(key=lambda r: r.start)
 
-        kinds = (EntryKind.LEAF, EntryKind.PROTNONE, EntryKind.SWAP)
         out: list[MappingRange] = []
-        i = 0
-        n = len(leaves)
+        i, n = 0, len(runs)
         while i < n:
-            vstart, size, key, addr, level, idx, table, raw = leaves[i]
-            end = vstart + size
-            sizes = {size}
-            contiguous = key[0] != 2
+            first = runs[i]
+            end, pages, sizes, contiguous = first.end, first.pages, {first.span}, first.contiguous
             j = i + 1
-            while j < n and leaves[j][0] == end and leaves[j][2] == key:
-                nsize, naddr = leaves[j][1], leaves[j][3]
-                if key[0] == 2 or naddr != addr + (end - vstart):
+            while j < n and runs[j].start == end and runs[j].key == first.key:
+                nxt = runs[j]
+                if not nxt.contiguous or nxt.phys != first.phys + (end - first.start):
                     contiguous = False
-                sizes.add(nsize)
-                end += nsize
+                sizes.add(nxt.span)
+                pages += nxt.pages
+                end = nxt.end
                 j += 1
-            first = self._decode(raw, level, idx, table, vstart)
+            e = self._decode(first.raw, first.level, first.first_index, first.table, first.start)
+            key = first.key
+            if key & P_PRESENT:
+                kind = EntryKind.LEAF
+            elif key & P_PROTNONE:
+                kind = EntryKind.PROTNONE
+            else:
+                kind = EntryKind.SWAP
             out.append(
                 MappingRange(
-                    start=vstart,
+                    start=first.start,
                     end=end,
-                    kind=kinds[key[0]],
-                    write=bool(key[1]),
-                    user=bool(key[2]),
-                    nx=bool(key[3]),
-                    pkey=first.pkey,
-                    pwt=first.pwt,
-                    pcd=first.pcd,
-                    pat=first.pat,
-                    global_=first.global_,
-                    pages=j - i,
+                    kind=kind,
+                    write=bool(key & P_RW),
+                    user=bool(key & P_USER),
+                    nx=bool(key & P_NX),
+                    pkey=e.pkey,
+                    pwt=e.pwt,
+                    pcd=e.pcd,
+                    pat=e.pat,
+                    global_=e.global_,
+                    pages=pages,
                     page_sizes=frozenset(sizes),
-                    phys_start=addr,
+                    phys_start=first.phys,
                     phys_contiguous=contiguous,
-                    first=first,
+                    first=e,
                 )
             )
             i = j
         return out
+
+
+_KEY_BITS = P_PRESENT | P_RW | P_USER | P_PWT | P_PCD | P_GLOBAL | PKEY_MASK | P_NX
+"""Entry bits in a mapping's merge key (PAT is added at bit 7 for every leaf size)."""
+
+
+class _Run(NamedTuple):
+    """Consecutive leaf entries of one table with the same merge key."""
+
+    start: int
+    end: int
+    key: int
+    phys: int
+    """Physical address of the first entry (decoded PFN for PROTNONE, 0 for SWAP)."""
+    contiguous: bool
+    pages: int
+    span: int
+    level: int
+    first_index: int
+    """Index of the first entry in its table."""
+    table: int
+    raw: int
+    """Raw bits of the first entry."""
