@@ -113,7 +113,8 @@ class FakeQmp:
         if cmd == "query-status":
             return {"status": self.status, "running": self.status == "running"}
         if cmd == "stop":
-            self.status = "paused"
+            if self.status == "running":  # QEMU: stopping a stopped VM changes nothing
+                self.status = "paused"
         elif cmd == "cont":
             self.status = "running"
         elif cmd == "getfd":
@@ -125,6 +126,8 @@ class FakeQmp:
         elif cmd == "migrate":
             assert args == {"uri": f"fd:{self.fdname}"}
             assert self.status != "running", "migrating a running VM"
+            if self.status == "postmigrate":
+                raise RuntimeError("Can't migrate the vm that was paused due to previous migration")
             os.write(self.fd, self.stream)  # QEMU writes through its copy of the fd
             self.polls = 0
             if self.events and "events" in self.capabilities:
@@ -152,8 +155,9 @@ def test_snapshot_of_running_vm_continues_it() -> None:
     q = FakeQmp("running", STREAM)
     snap = asyncio.run(cpustate.snapshot_cpus(q))  # type: ignore[arg-type]
     assert q.status == "running"
-    assert q.log.index("stop") < q.log.index("migrate") < q.log.index("cont")
-    assert q.log[1] == "migrate-set-capabilities"
+    # capabilities, then one batch (the status is from before the stop), then cont
+    assert q.log[:5] == ["migrate-set-capabilities", "query-status", "stop", "getfd", "migrate"]
+    assert q.log[5:] == ["cont", "query-status"]
     assert snap.capture.status_before == "running" and snap.capture.status_after == "running"
     assert snap.capture.stream == STREAM
     assert snap.vcpu(1).pkru == 0x5A5A5A54 and snap.vcpu(0).pkru == 0
@@ -163,7 +167,8 @@ def test_snapshot_of_running_vm_continues_it() -> None:
 def test_snapshot_of_paused_vm_leaves_it_stopped() -> None:
     q = FakeQmp("paused", STREAM)
     snap = asyncio.run(cpustate.snapshot_cpus(q))  # type: ignore[arg-type]
-    assert "stop" not in q.log and "cont" not in q.log
+    assert "cont" not in q.log and q.status == "postmigrate"  # its 'stop' changed nothing
+    assert snap.capture.status_before == "paused"
     assert snap.capture.status_after == "postmigrate"
     # a second one from postmigrate is refused by QEMU 7.2: a clear error by default
     with pytest.raises(TestbedError, match="postmigrate"):

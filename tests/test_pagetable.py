@@ -250,6 +250,45 @@ def test_mappings_merge_on_va_and_flags() -> None:
     assert all(m.kind is EntryKind.LEAF for m in present_only) and len(present_only) == 4
 
 
+def _ranges(ms: list[pt.MappingRange]) -> list[tuple[object, ...]]:
+    return [(m.start, m.end, m.perms(), m.pkey, m.pages, m.phys_start, m.first.raw) for m in ms]
+
+
+@pytest.mark.parametrize("levels", [4, 5])
+def test_walker_reuses_work_only_for_unchanged_tables(levels: int) -> None:
+    """A walker kept across snapshots gives what a fresh walker gives, after every change."""
+    ram = FakeRam()
+    root = ram.alloc()
+    for i in range(8):
+        ram.map(root, 0x40_0000 + i * 4096, (0x10000 + i * 4096) | P | W | U, 1, levels)
+    kept = walker(ram, levels)
+    changes = [
+        lambda: ram.map(root, 0x40_3000, 0x13000 | P | U | NX | (2 << 59), 1, levels),  # flags
+        lambda: ram.map(root, 0x40_8000, 0x18000 | P | W | U, 1, levels),  # a new page
+        lambda: ram.map(root, 0x40_0000, 0, 1, levels),  # unmapped
+        lambda: ram.set(root, 0, ram.get(root, 0) & ~W),  # read-only at the top: every range
+    ]
+    assert _ranges(kept.mappings(root)) == _ranges(walker(ram, levels).mappings(root))
+    for change in changes:
+        change()
+        got = _ranges(kept.mappings(root))
+        assert got == _ranges(walker(ram, levels, cache_tables=0).mappings(root))
+        assert got == _ranges(kept.mappings(root))  # and again, all from the cache
+    assert [r[2] for r in got] == ["r-x", "r--", "r-x"]
+
+
+def test_walker_cache_is_bounded() -> None:
+    ram = FakeRam()
+    roots = [ram.alloc() for _ in range(4)]
+    for n, root in enumerate(roots):
+        ram.map(root, 0x40_0000, (0x10000 * (n + 1)) | P | W | U, 1, 4)
+    w = walker(ram, cache_tables=5)
+    for root in roots:
+        (m,) = w.mappings(root)
+        assert m.start == 0x40_0000
+    assert len(w._tables) <= 5
+
+
 @pytest.mark.parametrize("levels", [4, 5])
 def test_tables_and_sharing(levels: int) -> None:
     ram = FakeRam()

@@ -200,6 +200,11 @@ async def _qmp(qmp: QMPClient, cmd: str, args: dict[str, object] | None = None) 
         raise TestbedError(f"QMP {cmd} failed: {e}") from e
 
 
+POSTMIGRATE_REFUSED = (
+    "VM is in 'postmigrate' after an earlier snapshot while paused; QEMU 7.2 "
+    "refuses another migration until 'cont' (or pass resume_postmigrate=True)"
+)
+
 _prepared: weakref.WeakSet[Any] = weakref.WeakSet()
 """QMP clients whose migration capabilities are already set (they stay set in QEMU)."""
 
@@ -274,12 +279,13 @@ async def take_migration_stream(
     running VM is stopped and, with ``resume`` (the default), continued; a
     paused VM stays stopped (it ends in ``postmigrate``). Without ``resume``
     the VM is left stopped: the caller reads guest memory of the same moment
-    and sends ``cont`` itself. ``status``: the run state the caller just
-    queried (saves a round trip).
+    and sends ``cont`` itself.
 
-    ``stop``, ``getfd`` and ``migrate`` are sent together (QMP runs commands
-    in order); completion comes as a MIGRATION event, with ``query-migrate``
-    polled every ``poll_interval`` s in case no event arrives.
+    ``query-status``, ``stop``, ``getfd`` and ``migrate`` go out as one batch:
+    QMP runs them in order, so the status is the one from before the stop
+    (stopping a stopped VM changes nothing). ``status``, if the caller knows
+    it, replaces the query. Completion comes as a MIGRATION event, with
+    ``query-migrate`` polled every ``poll_interval`` s in case none arrives.
 
     QEMU 7.2 refuses to migrate a VM in ``postmigrate`` ("Can't migrate the
     vm that was paused due to previous migration"), i.e. a second snapshot
@@ -288,16 +294,15 @@ async def take_migration_stream(
     again first (the guest runs for the few QMP round trips in between).
     """
     t_start = time.perf_counter()
-    before = status if status is not None else await _status(qmp)
+    before = status
+    if before is None and resume_postmigrate:
+        before = await _status(qmp)
     if before == "postmigrate":
         if not resume_postmigrate:
-            raise TestbedError(
-                "VM is in 'postmigrate' after an earlier snapshot while paused; QEMU 7.2 "
-                "refuses another migration until 'cont' (or pass resume_postmigrate=True)"
-            )
+            raise TestbedError(POSTMIGRATE_REFUSED)
         await _qmp(qmp, "cont")
         await _qmp(qmp, "stop")
-    was_running = before == "running"
+    state = "paused" if before == "postmigrate" else before  # the state the migration starts in
     await _prepare(qmp)
     fd = os.memfd_create("testbed-migstream", os.MFD_CLOEXEC)
     name = f"testbed-snap-{os.getpid()}-{next(_fd_names)}"
@@ -307,21 +312,35 @@ async def take_migration_stream(
         with qmp.listen(listener):
             t_stop = time.perf_counter()
             qmp.send_fd_scm(fd)  # before getfd is even queued
-            steps: list[tuple[str, dict[str, str] | None]] = [
-                ("getfd", {"fdname": name}),
-                ("migrate", {"uri": f"fd:{name}"}),
-            ]
-            if was_running:
-                steps.insert(0, ("stop", None))
-            results = await asyncio.gather(
-                *(qmp.execute(cmd, args) for cmd, args in steps), return_exceptions=True
+            # One batch; QMP runs them in order, so query-status tells the state
+            # from before the stop (a stop of a stopped VM changes nothing).
+            steps: list[tuple[str, dict[str, str] | None]] = []
+            if state is None:
+                steps.append(("query-status", None))
+            if state in (None, "running"):
+                steps.append(("stop", None))
+            steps += [("getfd", {"fdname": name}), ("migrate", {"uri": f"fd:{name}"})]
+            results = dict(
+                zip(
+                    (cmd for cmd, _ in steps),
+                    await asyncio.gather(
+                        *(qmp.execute(cmd, args) for cmd, args in steps), return_exceptions=True
+                    ),
+                    strict=True,
+                )
             )
-            stopped = was_running and not isinstance(results[0], BaseException)
-            for (cmd, _), res in zip(steps, results, strict=True):
+            queried = results.get("query-status")
+            if isinstance(queried, dict):
+                before = state = str(queried.get("status"))
+            stopped = state == "running" and not isinstance(results["stop"], BaseException)
+            if state == "postmigrate":
+                raise TestbedError(POSTMIGRATE_REFUSED)
+            for cmd, res in results.items():
                 if isinstance(res, BaseException):
                     if isinstance(res, ExecuteError):
                         raise TestbedError(f"QMP {cmd} failed: {res}") from res
                     raise res
+            assert before is not None
             await _wait_migration(qmp, listener, before, timeout, poll_interval)
         t_done = time.perf_counter()
         os.lseek(fd, 0, os.SEEK_SET)
@@ -344,7 +363,7 @@ async def take_migration_stream(
         stream=stream,
         seconds=t_done - t_stop,
         total_seconds=time.perf_counter() - t_start,
-        status_before=before,
+        status_before=before or "unknown",
         status_after=after,
         stopped_at=t_stop,
     )

@@ -304,6 +304,7 @@ class KernelView:
         self._per_cpu_offsets: tuple[int, ...] | None = None
         self._current: dict[int, int | None] | None = None
         self._pti: bool | None = None
+        self._member_layouts: dict[tuple[str, str], _Layout] = {}
 
     # -- attach ----------------------------------------------------------------------
 
@@ -501,7 +502,9 @@ class KernelView:
 
     def read_member(self, address: int, struct_name: str, path: str) -> int:
         """An integer/pointer member of a struct at ``address`` (``"mm_struct", "pgd"``)."""
-        lay = _Layout(self.btf, struct_name, [path])
+        lay = self._member_layouts.get((struct_name, path))
+        if lay is None:
+            lay = self._member_layouts[struct_name, path] = _Layout(self.btf, struct_name, [path])
         f = lay.fields[path]
         return lay.get(self.read(address + f.offset, f.size), path, -f.offset)
 

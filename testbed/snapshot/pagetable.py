@@ -476,8 +476,16 @@ class PageTableWalker:
     ``levels`` is 4 or 5 (CR4.LA57), ``maxphyaddr`` the CPU's physical
     address width (default 52), ``ram_size`` (optional) makes any table
     address at or past it an error before it is read, ``max_tables`` bounds
-    one walk. Table contents are cached per call only, so a walk of a
-    running guest sees each table once, at the time it was read.
+    one walk.
+
+    Every table is read afresh on each use. What is derived from a table's
+    bytes (its 512 entries, the leaf runs of :meth:`mappings`) is remembered
+    per table address together with those 4 KiB and reused only while a new
+    read returns the very same bytes, so repeated snapshots of a guest skip
+    the work for unchanged tables and the results are those of a fresh walk.
+    A whole :meth:`mappings` result is reused when every table its walk read
+    reads the same again. At most ``cache_tables`` tables are remembered
+    (0: none).
     """
 
     def __init__(
@@ -488,6 +496,7 @@ class PageTableWalker:
         maxphyaddr: int = 52,
         ram_size: int | None = None,
         max_tables: int = DEFAULT_MAX_TABLES,
+        cache_tables: int = 4096,
     ) -> None:
         va_bits(levels)
         if not 32 <= maxphyaddr <= 52:
@@ -497,7 +506,16 @@ class PageTableWalker:
         self.maxphyaddr = maxphyaddr
         self.ram_size = ram_size
         self.max_tables = max_tables
+        self.cache_tables = cache_tables
         self._table_mask = _addr_mask(1, False, maxphyaddr)
+        # table address -> (its bytes, its entries); and the leaf runs made from those entries
+        self._tables: dict[int, tuple[bytes, tuple[int, ...]]] = {}
+        self._runs: dict[tuple[int, ...], tuple[tuple[int, ...], list[_Run]]] = {}
+        # (root, include_nonpresent) -> (the tables the walk read, with their entries; result)
+        self._mappings: dict[
+            tuple[int, bool],
+            tuple[tuple[tuple[int, tuple[int, ...]], ...], tuple[MappingRange, ...]],
+        ] = {}
 
     # -- low level -----------------------------------------------------------
 
@@ -520,7 +538,7 @@ class PageTableWalker:
             except (TestbedError, OSError, ValueError, IndexError):
                 data = b""
             if len(data) == PAGE_SIZE:
-                return _TABLE_FMT.unpack(data)
+                return self._entries(phys, data)
         # slow path: work out the error with a message naming the entry
         if isinstance(via, Entry):
             via = via.describe(self.levels)
@@ -547,6 +565,25 @@ class PageTableWalker:
                 f"referenced by {via}"
             )
         return _TABLE_FMT.unpack(data)
+
+    def forget(self) -> None:
+        """Drop everything remembered from earlier walks (the next walks start cold)."""
+        self._tables.clear()
+        self._runs.clear()
+        self._mappings.clear()
+
+    def _entries(self, phys: int, data: bytes) -> tuple[int, ...]:
+        """The 512 entries in ``data`` (read from ``phys``); the same tuple while unchanged."""
+        if not self.cache_tables:
+            return _TABLE_FMT.unpack(data)
+        known = self._tables.get(phys)
+        if known is not None and known[0] == data:
+            return known[1]
+        raws = _TABLE_FMT.unpack(data)
+        if len(self._tables) >= self.cache_tables:
+            self.forget()
+        self._tables[phys] = (bytes(data), raws)
+        return raws
 
     def _decode(self, raw: int, level: int, index: int, table: int, va: int) -> Entry:
         e = decode_entry(raw, level, index=index, table=table, va=va, maxphyaddr=self.maxphyaddr)
@@ -775,11 +812,17 @@ class PageTableWalker:
         the runs of all tables are sorted and merged across table boundaries.
         Only the first leaf of each range is decoded into an :class:`Entry`.
         """
+        walk_key = (self._root(root), include_nonpresent)
+        last = self._mappings.get(walk_key)
+        if last is not None and self._unchanged(last[0]):
+            return list(last[1])  # every table of the walk reads the same as last time
+        visited: list[tuple[int, tuple[int, ...]]] = []
         # effective (write, user, nx) of the path down to each table of this walk
         eff: dict[int, tuple[bool, bool, bool]] = {}
         user_end = user_va_end(self.levels)
         runs: list[_Run] = []
         for parent, phys, level, base, raws in self._walk(root, user_only=True):
+            visited.append((phys, raws))
             if parent is None:
                 w, u, x = True, True, False
             else:
@@ -790,13 +833,19 @@ class PageTableWalker:
                 continue  # root entries (level 4/5) are never leaves
             # key bits of an entry: clear W/U the path lacks, set NX the path has
             and_mask = _KEY_BITS & ~((0 if w else P_RW) | (0 if u else P_USER))
-            runs.extend(
-                self._leaf_runs(
-                    raws, level, base, phys, and_mask, P_NX if x else 0,
-                    min(ENTRIES, (user_end - base + LEVEL_SPAN[level] - 1) // LEVEL_SPAN[level]),
-                    include_nonpresent,
-                )
-            )  # fmt: skip
+            or_bits = P_NX if x else 0
+            limit = min(ENTRIES, (user_end - base + LEVEL_SPAN[level] - 1) // LEVEL_SPAN[level])
+            cache_key = (phys, level, base, and_mask, or_bits, limit, int(include_nonpresent))
+            known = self._runs.get(cache_key)
+            if known is not None and known[0] is raws:  # the same tuple: the same bytes
+                runs.extend(known[1])
+                continue
+            table_runs = self._leaf_runs(
+                raws, level, base, phys, and_mask, or_bits, limit, include_nonpresent
+            )
+            if self.cache_tables:
+                self._runs[cache_key] = (raws, table_runs)
+            runs.extend(table_runs)
         runs.sort(key=lambda r: r.start)
 
         out: list[MappingRange] = []
@@ -842,7 +891,25 @@ class PageTableWalker:
                 )
             )
             i = j
+        if self.cache_tables:
+            self._mappings[walk_key] = (tuple(visited), tuple(out))
         return out
+
+    def _unchanged(self, visited: tuple[tuple[int, tuple[int, ...]], ...]) -> bool:
+        """Whether each of these tables still reads as the entries remembered for it.
+
+        A walk is a function of the bytes of the tables it visits: if every one
+        of them is unchanged, walking again visits the same tables and gives
+        the same result.
+        """
+        for phys, raws in visited:
+            try:
+                data = self.read(phys, PAGE_SIZE)
+            except (TestbedError, OSError, ValueError, IndexError):
+                return False
+            if len(data) != PAGE_SIZE or self._entries(phys, data) is not raws:
+                return False
+        return True
 
 
 _KEY_BITS = P_PRESENT | P_RW | P_USER | P_PWT | P_PCD | P_GLOBAL | PKEY_MASK | P_NX
