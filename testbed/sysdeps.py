@@ -34,6 +34,7 @@ PACKAGES: dict[str, str] = {
     "libelf-dev": "kernel builds (objtool)",
     "libssl-dev": "kernel builds (signing tools)",
     "dwarves": "pahole, for kernel BTF",
+    "lz4": "kernel builds (LZ4-compressed bzImage)",
     "xz-utils": "unpacking linux-source",
     "git": "applying patch series",
     "kmod": "module dependency data",

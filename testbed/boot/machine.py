@@ -28,7 +28,7 @@ from typing import Any, BinaryIO
 
 from testbed import paths
 from testbed.boot import console
-from testbed.boot.hostcaps import QEMU, Accel, choose_accel
+from testbed.boot.hostcaps import GUEST_KERNEL_PARAMS, QEMU, Accel, choose_accel
 from testbed.boot.kernelimage import KernelInfo, inspect_kernel
 from testbed.boot.qmp import QMP
 from testbed.boot.ssh import CommandResult, SshChannel, SshKeys, free_port, make_keys
@@ -60,9 +60,7 @@ class MachineConfig:
 
 
 def kernel_cmdline(cfg: MachineConfig) -> str:
-    # no_timer_check: under TCG on a loaded host the kernel's IO-APIC timer check can
-    # time out and panic ("IO-APIC + timer doesn't work!"), as cloud images know
-    parts = ["console=ttyS0,115200", "panic=-1", "rdinit=/init", "no_timer_check"]
+    parts = ["console=ttyS0,115200", "panic=-1", "rdinit=/init", *GUEST_KERNEL_PARAMS]
     if cfg.paging == 4:
         parts.append("no5lvl")
     if cfg.pti in ("on", "off"):
