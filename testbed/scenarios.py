@@ -33,6 +33,8 @@ SCENARIOS: dict[str, Scenario] = {
                  ("tb-rpal_stale_probe",)),
         Scenario("stray", "stray accesses without pairing, pkey faults, the WRPKRU gadget",
                  ("tb-rpal_stray",)),
+        Scenario("limits", "15 peers at once, read() counts, id exhaustion and reuse delay",
+                 ("tb-rpal_limits",)),
         Scenario("protection_keys", "the kernel's own protection_keys selftest", (),
                  selftest="protection_keys"),
     )

@@ -2,8 +2,8 @@
 
 For every injected bug (`rpal.bug=NAME`) the matching misbehaviour must be
 visible in the guest; with no bug on, none of it may be. The workloads are
-the guest programs tb-rpal_pair, tb-rpal_stale_probe and tb-rpal_stray
-(guest/*.c); each prints "ROLE: ok CHECK: ..." / "ROLE: FAIL CHECK: ..." and
+the guest programs tb-rpal_pair, tb-rpal_stale_probe, tb-rpal_stray and
+tb-rpal_limits (guest/*.c); each prints "ROLE: ok CHECK: ..." / "ROLE: FAIL CHECK: ..." and
 exits non-zero when a check failed.
 
 The kernel: the plugin's `rpal_kernel` fixture: $TESTBED_KERNEL (a bzImage)
@@ -32,6 +32,7 @@ WORKLOADS = {
     "same": "tb-rpal_pair --same-pkey",
     "stale": "tb-rpal_stale_probe",
     "stray": "tb-rpal_stray",
+    "limits": "tb-rpal_limits",
 }
 
 # bug -> (workload that must fail, a line it must print)
@@ -45,6 +46,13 @@ EXPECTED = {
     "pkey_free_allowed": ("pair", r"[AB]: FAIL keys_locked: pkey_free\(\d+\) -> 0"),
     "wrong_slot_copy": ("pair", r"[AB]: FAIL peer_read: .*no fault, value 0x"),
     "no_fault_redirect": ("pair", r"[AB]: FAIL fault_redirect: .*SIGSEGV"),
+    "exhaustion_frees_id": ("limits", r"limits: FAIL ids: after ENOSPC the next exec got id 253, "
+                                      r"which a live service holds"),
+    "id_reused_at_once": ("limits", r"limits: FAIL id_delay: id \d+ came back \d+ ms after"),
+    "peer_limit_off_by_one": ("limits", r"limits: FAIL peer_limit: request 15 of 15: .*C -> "
+                                        r"ENOSPC"),
+    "read_ignores_count": ("limits", r"limits: FAIL read_count: read 1 \(count 8\) returned 24 "
+                                     r"and wrote past count"),
 }
 
 
@@ -157,6 +165,9 @@ def test_no_bug_no_misbehaviour(rpal_kernel: Path, runs_dir: Path, paging: int, 
     assert re.search(r"A: ok same_pkey: .*-> EKEYREJECTED", found["same"].output)
     assert re.search(r"stray: ok gadget: weakness shown", found["stray"].output)
     assert re.search(r"stray: ok pkey_deny: .*SEGV_PKUERR", found["stray"].output)
+    limits = found["limits"].output
+    for check in ("peer_limit", "read_count", "ids", "id_delay"):
+        assert re.search(rf"^limits: ok {check}:", limits, re.M), check
 
 
 @pytest.mark.vm

@@ -23,6 +23,7 @@ COVERS = {
     "same_pkey": ("keys",),
     "stale_tlb": ("tlb_shootdown",),
     "stray": ("faults", "isolation"),
+    "limits": ("slot_confinement", "slot_copies", "keys", "pkru", "exit", "ids", "peer_limit"),
     "protection_keys": ("selftest:protection_keys",),
 }
 

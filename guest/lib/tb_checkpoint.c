@@ -55,7 +55,7 @@ int tb_checkpoint(const char *name)
 
 int tb_checkpoint_facts(const char *name, const char *facts)
 {
-	char dev[300], line[512], reply[512];
+	char dev[300], line[4096], reply[512];
 	size_t got = 0;
 	int fd, n;
 

@@ -34,6 +34,10 @@ OUTPUT_CHECKS = {
     "unmap": "tlb_shootdown",
     "dead_key": "exit",
     "exit_copy": "exit",
+    "read_count": "exit",
+    "ids": "ids",
+    "id_delay": "ids",
+    "peer_limit": "peer_limit",
 }
 
 LINE_RE = re.compile(r"^(?P<role>[\w-]+): (?P<verdict>ok|FAIL) (?P<name>[\w-]+): (?P<detail>.*)$")

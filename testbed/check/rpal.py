@@ -69,8 +69,21 @@ CHECKS: dict[str, CheckInfo] = {
         ),
         CheckInfo(
             "exit", "Exit",
-            "a dead peer leaves no copies, and its key is reported by read()/poll()",
-            ("keep_copy_on_exit",),
+            "a dead peer leaves no copies, and its key is reported by read()/poll(); read() "
+            "writes no more than count bytes",
+            ("keep_copy_on_exit", "read_ignores_count"),
+        ),
+        CheckInfo(
+            "ids", "Service ids",
+            "every live service has an id of its own (0..253, slot id + 1); with none free, "
+            "exec fails with ENOSPC and frees nothing; a dead service's id is reused only "
+            "after the delay",
+            ("exhaustion_frees_id", "id_reused_at_once"),
+        ),
+        CheckInfo(
+            "peer_limit", "Peer limit",
+            "a service can have 15 requested peers, all mapped at once, and not a 16th",
+            ("peer_limit_off_by_one",),
         ),
     )
 }
