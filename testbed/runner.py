@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -67,6 +68,57 @@ def split_output(text: str, count: int) -> list[tuple[str, int | None]]:
     return out
 
 
+def _testbed_program() -> str:
+    """How to call this testbed again: the console script beside this Python, else `testbed`."""
+    script = Path(sys.executable).with_name("testbed")
+    return str(script) if script.exists() else "testbed"
+
+
+def reproduce_commands(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...]
+                       ) -> tuple[list[str], list[str]]:
+    """The commands that run a scenario again as it ran here (pure).
+
+    First `testbed run SCENARIO` with the same kernel, bugs, accelerator,
+    paging, PTI and extra command line (checks and reports again); then
+    `testbed boot` of the same guest, to run the workloads by hand.
+    """
+    prog = _testbed_program()
+    guest = ["--kernel", str(spec.kernel), "--accel", spec.accel.accel,
+             "--paging", str(spec.paging), "--pti", spec.pti]
+    run = [prog, "run", sc.name, *guest]
+    for b in bugs:
+        run += ["--bug", b]
+    if spec.append:
+        run += ["--append", spec.append]
+    append = " ".join(x for x in (spec.append, f"rpal.bug={','.join(bugs)}" if bugs else "") if x)
+    boot = [prog, "boot", *guest, "--smp", str(sc.smp), "--mem", str(spec.mem_mib)]
+    if append:
+        boot += ["--append", append]
+    return run, boot
+
+
+def write_reproducer(run_dir: Path, sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...]
+                     ) -> Path:
+    """run_dir/reproduce.sh: runs the scenario again; its comments say how to do it by hand."""
+    run, boot = reproduce_commands(sc, spec, bugs)
+    by_hand = (f"then, in the guest: {'; '.join(sc.workloads)}" if sc.workloads
+               else f"then: {_testbed_program()} selftest {sc.selftest} with the same options")
+    text = "\n".join([
+        "#!/bin/sh",
+        f"# Scenario {sc.name} (bugs: {', '.join(bugs) or 'none'}) as testbed ran it into",
+        f"# {run_dir}.",
+        "# Runs it again with its checks and reports. To work in the same guest by hand:",
+        f"#   {shlex.join(boot)}",
+        f"#   {by_hand}",
+        f"exec {shlex.join(run)} \"$@\"",
+        "",
+    ])
+    path = run_dir / "reproduce.sh"
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
 def run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], parent: Path
                  ) -> ScenarioResult:
     t0 = time.monotonic()
@@ -79,6 +131,7 @@ def run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], parent: P
         boot_timeout=spec.boot_timeout,
     )
     result = ScenarioResult(sc.name, [], str(run_dir), bugs)
+    result.reproduce = str(write_reproducer(run_dir, sc, spec, bugs))
     snapshots: list[dict[str, Any]] = []
     snapper: LiveSnapshotter | None = None
     try:

@@ -56,6 +56,7 @@ class ScenarioResult:
     snapshots: dict[str, dict[str, Any]] = field(default_factory=dict)  # checkpoint -> snapshot
     output: str = ""  # guest output of the workloads
     error: str = ""  # the scenario could not run (guest panic, hang...)
+    reproduce: str = ""  # a script that runs the scenario again (runner.write_reproducer)
 
     @property
     def passed(self) -> bool:

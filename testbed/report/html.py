@@ -69,6 +69,7 @@ def _scenario_view(
         "bugs": list(r.bugs),
         "seconds": r.seconds,
         "run_dir": r.run_dir,
+        "reproduce": r.reproduce if not r.passed else "",
         "counts": case_counts(r),
         "tests": len(cases(r)),
         "bad": bad,

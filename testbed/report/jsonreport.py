@@ -7,7 +7,7 @@
   "verdict": "PASS" | "FAIL",
   "totals": {scenarios, scenarios_failed, tests, passed, failures, errors, seconds},
   "scenarios": [
-    {"scenario", "passed", "error", "bugs", "seconds", "run_dir", "output",
+    {"scenario", "passed", "error", "bugs", "seconds", "run_dir", "reproduce", "output",
      "counts": {pass, fail, error},           # per test case, as in JUnit
      "failed_checks": [...],
      "findings": [Finding.to_dict() ...],     # + "status"
@@ -52,6 +52,7 @@ def report_dict(
             "bugs": list(r.bugs),
             "seconds": r.seconds,
             "run_dir": r.run_dir,
+            "reproduce": r.reproduce,
             "output": r.output,
             "counts": case_counts(r),
             "failed_checks": sorted(r.failed_checks()),
@@ -119,6 +120,7 @@ def from_report_dict(doc: Mapping[str, Any]) -> tuple[RunMeta, list[ScenarioResu
             scenario=s["scenario"],
             findings=[_finding(f) for f in s.get("findings", [])],
             run_dir=s.get("run_dir", ""),
+            reproduce=s.get("reproduce", ""),
             bugs=tuple(s.get("bugs", ())),
             seconds=float(s.get("seconds", 0.0)),
             snapshots=dict(s.get("snapshots", {})),

@@ -58,6 +58,7 @@ def render_summary(
                 "bugs": list(r.bugs),
                 "error": printable(r.error),
                 "bad": bad,
+                "reproduce": printable(r.reproduce) if not r.passed else "",
             }
         )
     name_width = max((len(printable(r.scenario)) for r in results), default=0)
