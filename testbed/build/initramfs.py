@@ -166,10 +166,11 @@ def image_entries(spec: ImageSpec) -> tuple[list[Entry], tuple[str, ...]]:
     entries: list[Entry] = [
         Entry.chardev("dev/console", 5, 1),
         Entry.chardev("dev/null", 1, 3, 0o666),
-        *(Entry.dir(d) for d in ("proc", "sys", "dev", "run", "var", "etc/init.d")),
+        *(Entry.dir(d) for d in ("proc", "sys", "dev", "run", "var", "var/log", "etc/init.d")),
         Entry.dir("tmp", 0o1777),
         Entry.symlink("init", "/bin/busybox"),
-        Entry.file("etc/inittab", _read(paths.IMAGES_DIR / "initramfs" / "inittab", "template")),
+        *(Entry.file(f"etc/{name}", _read(paths.IMAGES_DIR / "initramfs" / name, "template"))
+          for name in ("inittab", "fstab")),
     ]
     entries += busybox_entries()
     entries += ssh_server_entries()
