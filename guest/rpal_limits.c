@@ -27,6 +27,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -129,8 +130,10 @@ static int hold(int rfd, int wfd, int pkey)
 	struct hello h = { .pid = getpid(), .pkey = -1 };
 	struct cmd c;
 	int64_t r;
-	int fd = rpal_open();
+	int fd;
 
+	prctl(PR_SET_NAME, "rpal-hold");	/* not "exe" (we are /proc/self/exe) */
+	fd = rpal_open();
 	if (fd < 0) {
 		h.err = fd;
 	} else if (pkey != NO_ENABLE && (h.pkey = rpal_enable(fd, pkey)) < 0) {

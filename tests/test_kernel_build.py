@@ -27,6 +27,8 @@ from testbed.build.series import (
 from testbed.errors import BuildError
 from testbed.progress import Progress
 
+from conftest import run_testbed
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -646,3 +648,44 @@ def test_seed_copies_newest_tree_keeps_new_config_and_relocates_tools(tmp_path: 
     assert not list(tmp_path.glob("*.seeding"))
     assert kernel._seed_build_tree(tmp_path / "none", tmp_path / "none" / "obj-x", log,
                                    Progress("t")) == ""
+
+
+# ---------------------------------------------------------------- cache: remove and prune
+
+
+def _fake_build(cache: Path, key: str, series: str, created: str) -> Path:
+    d = cache / "kernels" / key
+    d.mkdir(parents=True)
+    for name in kernel.ARTIFACTS:
+        (d / name).write_text("x")
+    meta = {"key": key, "created": created, "series": {"name": series}, "base_version": "b"}
+    (d / "meta.json").write_text(json.dumps(meta))
+    return d
+
+
+def test_prune_keeps_the_newest_of_each_series(tmp_path: Path) -> None:
+    rows = [{"key": k, "series": s, "date": d, "size": 1} for k, s, d in [
+        ("a1", "rpal-ref", "2026-01-01"), ("a2", "rpal-ref", "2026-01-03"),
+        ("a3", "rpal-ref", "2026-01-02"), ("b1", "-", "2026-01-01"), ("c1", "other", "2026-01-05"),
+    ]]
+    assert [r["key"] for r in kernel.prune_plan(rows, 2)] == ["a1"]
+    assert [r["key"] for r in kernel.prune_plan(rows, 1)] == ["a1", "a3"]
+    assert [r["key"] for r in kernel.prune_plan(rows, 0)] == ["a1", "b1", "a3", "a2", "c1"]
+
+
+def test_kernel_remove_and_prune_commands(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    old = _fake_build(cache, "aaaa1111", "rpal-ref", "2026-01-01T00:00:00")
+    new = _fake_build(cache, "bbbb2222", "rpal-ref", "2026-01-02T00:00:00")
+    other = _fake_build(cache, "cccc3333", "-", "2026-01-01T00:00:00")
+    env = {"TESTBED_CACHE": str(cache)}
+    dry = run_testbed("kernel", "prune", "--keep", "1", "--dry-run", env=env)
+    assert dry.returncode == 0 and "would remove aaaa1111" in dry.stdout and old.exists()
+    res = run_testbed("kernel", "prune", "--keep", "1", env=env)
+    assert res.returncode == 0, res.stderr
+    assert not old.exists() and new.exists() and other.exists()
+    res = run_testbed("kernel", "remove", "cccc", env=env)
+    assert res.returncode == 0 and not other.exists()
+    res = run_testbed("kernel", "remove", "nosuchkey", env=env)
+    assert res.returncode == 125 and len(res.stderr.strip().splitlines()) == 1
+    assert "no cached kernel build nosuchkey" in res.stderr

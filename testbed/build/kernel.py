@@ -182,6 +182,29 @@ def list_cached() -> list[dict[str, Any]]:
     return rows
 
 
+def prune_plan(rows: list[dict[str, Any]], keep: int) -> list[dict[str, Any]]:
+    """Of `list_cached()` rows, those to remove: all but the `keep` newest of each series
+    (builds without a series count as one series). Pure."""
+    by_series: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_series.setdefault(r["series"], []).append(r)
+    drop = []
+    for group in by_series.values():
+        group = sorted(group, key=lambda r: r["date"], reverse=True)
+        drop += group[max(0, keep):]
+    return sorted(drop, key=lambda r: r["date"])
+
+
+def remove_build(key: str) -> Path:
+    """Delete one cached build (by key or unique prefix); returns the folder removed."""
+    build = load_build(key)
+    folder = build.bzimage.parent
+    if folder.parent != kernels_dir():
+        raise BuildError(f"{folder} is not in the kernel cache {kernels_dir()}")
+    shutil.rmtree(folder)
+    return folder
+
+
 @contextmanager
 def _locked(path: Path, progress: Progress) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,12 @@
-"""`testbed kernel build` and `testbed kernel list`."""
+"""`testbed kernel build`, `list`, `remove` and `prune`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from testbed.build.kernel import build_kernel, list_cached
+from testbed.build.kernel import build_kernel, list_cached, prune_plan, remove_build
+from testbed.errors import BuildError
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -36,6 +37,21 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     lst = ksub.add_parser("list", help="show cached kernel builds")
     lst.add_argument("--json", action="store_true", help="print as JSON")
     lst.set_defaults(func=_cmd_list)
+
+    rm = ksub.add_parser("remove", help="delete cached kernel builds by key")
+    rm.add_argument("keys", nargs="+", metavar="KEY", help="build keys (or unique prefixes)")
+    rm.set_defaults(func=_cmd_remove)
+
+    prune = ksub.add_parser(
+        "prune", help="delete all but the newest cached builds of each series",
+        description="Delete cached kernel builds, keeping the --keep newest of each series "
+        "(builds without a series count as one). A guest running a deleted kernel keeps "
+        "running, but snapshots need its vmlinux: prune between runs.",
+    )
+    prune.add_argument("--keep", type=int, default=2, metavar="N",
+                       help="builds to keep per series (default 2)")
+    prune.add_argument("--dry-run", action="store_true", help="only say what would go")
+    prune.set_defaults(func=_cmd_prune)
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
@@ -80,4 +96,24 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['key']:<24}  {r['date'][:19]:<19}  {_human(r['size']):>9}  "
               f"{r['series'][:16]:<16}  {r['base_version']}")
+    return 0
+
+
+def _cmd_remove(args: argparse.Namespace) -> int:
+    for key in args.keys:
+        print(f"removed {remove_build(key)}")
+    return 0
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    if args.keep < 0:
+        raise BuildError(f"--keep {args.keep}: give 0 or more builds to keep per series")
+    drop = prune_plan(list_cached(), args.keep)
+    verb = "would remove" if args.dry_run else "removed"
+    for r in drop:
+        if not args.dry_run:
+            remove_build(r["key"])
+        print(f"{verb} {r['key']}  {r['date'][:19]}  {_human(r['size']):>9}  {r['series']}")
+    total = _human(sum(r["size"] for r in drop))
+    print(f"{verb} {len(drop)} build(s), {total}" if drop else "nothing to remove")
     return 0
