@@ -150,6 +150,11 @@ def _addr_mask(level: int, leaf: bool, maxphyaddr: int) -> int:
     return ((1 << maxphyaddr) - 1) & ~((1 << low) - 1)
 
 
+def _flag(mask: int) -> property:
+    """A read-only bool property: whether ``mask`` is set in the entry's raw bits."""
+    return property(lambda self: bool(self.raw & mask))
+
+
 class Entry:
     """One page-table entry, every bit decoded.
 
@@ -203,33 +208,18 @@ class Entry:
             f"addr=0x{self.addr:x})"
         )
 
-    @property
-    def present(self) -> bool:
-        return bool(self.raw & P_PRESENT)
-
-    @property
-    def write(self) -> bool:
-        return bool(self.raw & P_RW)
-
-    @property
-    def user(self) -> bool:
-        return bool(self.raw & P_USER)
-
-    @property
-    def pwt(self) -> bool:
-        return bool(self.raw & P_PWT)
-
-    @property
-    def pcd(self) -> bool:
-        return bool(self.raw & P_PCD)
-
-    @property
-    def accessed(self) -> bool:
-        return bool(self.raw & P_ACCESSED)
-
-    @property
-    def dirty(self) -> bool:
-        return bool(self.raw & P_DIRTY)
+    present = _flag(P_PRESENT)
+    write = _flag(P_RW)
+    user = _flag(P_USER)
+    pwt = _flag(P_PWT)
+    pcd = _flag(P_PCD)
+    accessed = _flag(P_ACCESSED)
+    dirty = _flag(P_DIRTY)
+    global_ = _flag(P_GLOBAL)
+    sw9 = _flag(1 << 9)
+    sw10 = _flag(1 << 10)
+    sw11 = _flag(1 << 11)
+    nx = _flag(P_NX)
 
     @property
     def ps(self) -> bool:
@@ -246,22 +236,6 @@ class Entry:
         return False
 
     @property
-    def global_(self) -> bool:
-        return bool(self.raw & P_GLOBAL)
-
-    @property
-    def sw9(self) -> bool:
-        return bool(self.raw >> 9 & 1)
-
-    @property
-    def sw10(self) -> bool:
-        return bool(self.raw >> 10 & 1)
-
-    @property
-    def sw11(self) -> bool:
-        return bool(self.raw >> 11 & 1)
-
-    @property
     def soft_high(self) -> int:
         """Software bits 52-58 as a 7-bit number (bit 52 = 1)."""
         return (self.raw & SOFT_HIGH_MASK) >> SOFT_HIGH_SHIFT
@@ -270,10 +244,6 @@ class Entry:
     def pkey(self) -> int:
         """Protection key, bits 59-62 (meaningful on present leaves with CR4.PKE)."""
         return (self.raw & PKEY_MASK) >> PKEY_SHIFT
-
-    @property
-    def nx(self) -> bool:
-        return bool(self.raw & P_NX)
 
     @property
     def page_size(self) -> int:
