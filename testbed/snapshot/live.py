@@ -24,6 +24,7 @@ class LiveSnapshotter:
         self.memory = SharedFileMemory(ram_path)
         self.image = KernelImage.from_paths(kernel)
         self._view: KernelView | None = None  # attached once; reads live memory each time
+        self._froze = False
 
     def capture(
         self, name: str = "", trigger: Trigger | None = None, **assemble_args: Any
@@ -60,9 +61,12 @@ class LiveSnapshotter:
                 )
                 # The kernel's types and symbols (tens of thousands of objects) live as
                 # long as the view: keep them out of the cyclic GC's full collections,
-                # which otherwise cost milliseconds while the guest is paused.
+                # which otherwise cost milliseconds while the guest is paused. close()
+                # gives them back, so a long process (a test session, a matrix) does not
+                # keep every old view out of the collector.
                 gc.collect()
                 gc.freeze()
+                self._froze = True
             view = self._view
             t_attach = time.perf_counter()
             snap = assemble(view, cpus, name=name, trigger=trigger, **assemble_args)
@@ -90,6 +94,9 @@ class LiveSnapshotter:
 
     def close(self) -> None:
         self.memory.close()
+        if self._froze:
+            gc.unfreeze()
+            self._froze = False
 
 
 def write_snapshot(snap: dict[str, Any], folder: Path, name: str) -> Path:
