@@ -18,6 +18,7 @@ class Scenario:
     name: str
     title: str
     workloads: tuple[str, ...]  # guest shell commands, run in order
+    checks: tuple[str, ...]  # the checks it exercises (the others have nothing to say there)
     smp: int = 2
     selftest: str | None = None  # a kernel selftest suite to run instead (testbed selftest)
 
@@ -25,23 +26,29 @@ class Scenario:
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
-        Scenario("phases", "pairing life cycle, snapshot at each phase", ("tb-rpal_phases",)),
-        Scenario("pair", "two services share memory through pointers", ("tb-rpal_pair",)),
+        Scenario("phases", "pairing life cycle, snapshot at each phase", ("tb-rpal_phases",),
+                 ("slot_confinement", "slot_copies", "keys", "pkru", "tlb_state", "exit")),
+        Scenario("pair", "two services share memory through pointers", ("tb-rpal_pair",),
+                 ("slot_confinement", "slot_copies", "keys", "pkru", "faults", "isolation",
+                  "exit")),
         Scenario("same_pkey", "services with the same pkey must not pair",
-                 ("tb-rpal_pair --same-pkey",)),
+                 ("tb-rpal_pair --same-pkey",), ("keys",)),
         Scenario("stale_tlb", "stale-TLB probe while the peer unmaps and re-protects",
-                 ("tb-rpal_stale_probe",)),
+                 ("tb-rpal_stale_probe",), ("tlb_shootdown",)),
         Scenario("stray", "stray accesses without pairing, pkey faults, the WRPKRU gadget",
-                 ("tb-rpal_stray",)),
+                 ("tb-rpal_stray",), ("faults", "isolation")),
         Scenario("limits", "15 peers at once, read() counts, id exhaustion and reuse delay",
-                 ("tb-rpal_limits",)),
+                 ("tb-rpal_limits",),
+                 ("slot_confinement", "slot_copies", "keys", "pkru", "exit", "ids",
+                  "peer_limit")),
         Scenario("protection_keys", "the kernel's own protection_keys selftest", (),
-                 selftest="protection_keys"),
+                 ("selftest:protection_keys",), selftest="protection_keys"),
     )
 }
 
 # The injected bugs of the reference kernel (rpal.bug=NAME): each is named by some check.
 BUGS: tuple[str, ...] = tuple(sorted({b for c in CHECKS.values() for b in c.bugs}))
+
 
 
 def select(names: list[str] | None) -> list[Scenario]:
