@@ -173,6 +173,7 @@ def test_snapshot_of_paused_vm_leaves_it_stopped() -> None:
     # a second one from postmigrate is refused by QEMU 7.2: a clear error by default
     with pytest.raises(TestbedError, match="postmigrate"):
         asyncio.run(cpustate.snapshot_cpus(q))  # type: ignore[arg-type]
+    assert q.log[-1] == "closefd"  # the refused migration did not take the fd
     q.log.clear()
     asyncio.run(cpustate.snapshot_cpus(q, resume_postmigrate=True))  # type: ignore[arg-type]
     assert q.log[1:3] == ["cont", "stop"] and q.status == "postmigrate"

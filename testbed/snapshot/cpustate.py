@@ -333,6 +333,12 @@ async def take_migration_stream(
             if isinstance(queried, dict):
                 before = state = str(queried.get("status"))
             stopped = state == "running" and not isinstance(results["stop"], BaseException)
+            if not isinstance(results["getfd"], BaseException) and isinstance(
+                results["migrate"], BaseException
+            ):  # the migration never took the fd: don't leave it in QEMU
+                await asyncio.gather(
+                    qmp.execute("closefd", {"fdname": name}), return_exceptions=True
+                )
             if state == "postmigrate":
                 raise TestbedError(POSTMIGRATE_REFUSED)
             for cmd, res in results.items():
