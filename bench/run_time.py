@@ -10,21 +10,28 @@ invocation; each other setting is printed as a ratio against it.
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 
 def timed(args: list[str]) -> float:
-    with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
-        t0 = time.monotonic()
-        res = subprocess.run([sys.executable, "-m", "testbed", *args, "--run-dir", tmp],
-                             capture_output=True, text=True)
-        seconds = time.monotonic() - t0
+    """Wall time of one testbed command; its run folder is kept (and named) when it fails."""
+    tmp = tempfile.mkdtemp(prefix="bench-run-")
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "-m", "testbed", *args, "--run-dir", tmp],
+                         capture_output=True, text=True)
+    seconds = time.monotonic() - t0
     if res.returncode != 0:
+        Path(tmp, "stdout.txt").write_text(res.stdout)
+        Path(tmp, "stderr.txt").write_text(res.stderr)
         print(res.stdout[-2000:], res.stderr[-2000:], file=sys.stderr)
-        raise SystemExit(f"testbed {' '.join(args)} failed with {res.returncode}")
+        raise SystemExit(f"testbed {' '.join(args)} failed with {res.returncode}; "
+                         f"run folder and its output kept in {tmp}")
+    shutil.rmtree(tmp, ignore_errors=True)
     return seconds
 
 
