@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/snapshot_time.py [--runs 5] [--procs 10]
 
+(TB_DEBUG=1 also prints each fast snapshot's own timing breakdown.)
+
 Fast path: pause, vCPUs from a migration stream, kernel objects and page
 tables read through the mmap of the shared RAM file, resume.
 Baselines, in the same run on the same guest: dump-guest-memory to an ELF
