@@ -98,14 +98,13 @@ static void sleep_ms(int ms)
 /* ---- the hold child ---- */
 
 /* C's read() test: three dead keys queued; count 8, 12, then 32 bytes. */
-static int64_t read_test(int fd, int role_fd)
+static int64_t read_test(int fd)
 {
 	uint64_t buf[4];
 	size_t counts[3] = { 8, 12, 32 };
 	ssize_t n;
 	int i, j;
 
-	(void)role_fd;
 	fcntl(fd, F_SETFL, O_NONBLOCK);
 	for (i = 0; i < 3; i++) {
 		for (j = 0; j < 4; j++)
@@ -158,7 +157,7 @@ static int hold(int rfd, int wfd, int pkey)
 			r = rpal_request(fd, c.arg);
 			break;
 		case 'D':
-			r = read_test(fd, wfd);
+			r = read_test(fd);
 			break;
 		default:
 			return 0;

@@ -68,6 +68,11 @@ def split_output(text: str, count: int) -> list[tuple[str, int | None]]:
     return out
 
 
+def kernel_append(spec: GuestSpec, bugs: tuple[str, ...]) -> str:
+    """The extra kernel command line of a scenario's guest: the spec's, then rpal.bug=."""
+    return " ".join(x for x in (spec.append, f"rpal.bug={','.join(bugs)}" if bugs else "") if x)
+
+
 def _testbed_program() -> str:
     """How to call this testbed again: the console script beside this Python, else `testbed`."""
     script = Path(sys.executable).with_name("testbed")
@@ -90,7 +95,7 @@ def reproduce_commands(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...]
         run += ["--bug", b]
     if spec.append:
         run += ["--append", spec.append]
-    append = " ".join(x for x in (spec.append, f"rpal.bug={','.join(bugs)}" if bugs else "") if x)
+    append = kernel_append(spec, bugs)
     boot = [prog, "boot", *guest, "--smp", str(sc.smp), "--mem", str(spec.mem_mib)]
     if append:
         boot += ["--append", append]
@@ -124,7 +129,7 @@ def run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], parent: P
     t0 = time.monotonic()
     tag = "+".join(bugs) if bugs else "nobug"
     run_dir = paths.new_run_dir(f"{sc.name}-{tag}", parent)
-    append = " ".join(x for x in (spec.append, f"rpal.bug={','.join(bugs)}" if bugs else "") if x)
+    append = kernel_append(spec, bugs)
     cfg = MachineConfig(
         kernel=spec.kernel, initrd=spec.initrd, accel=spec.accel, smp=sc.smp,
         mem_mib=spec.mem_mib, paging=spec.paging, pti=spec.pti, append=append,
