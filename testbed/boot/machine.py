@@ -16,6 +16,7 @@ import ctypes
 import fcntl
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -40,6 +41,7 @@ CHECKPOINT_PORT = "org.testbed.checkpoint"  # virtio-serial port name, see guest
 SHM_DIR = Path(os.environ.get("TESTBED_SHM_DIR", "/dev/shm"))
 SHM_PREFIX = "testbed-ram-"
 _PR_SET_PDEATHSIG = 1
+_PORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 @dataclass
@@ -56,6 +58,8 @@ class MachineConfig:
     ssh: bool = True
     ready_marker: bool = True  # our images print one; a user's image is ready when SSH answers
     files: dict[str, Path] = field(default_factory=dict)  # guest path -> host file, per run
+    # extra named virtio-serial ports, each a unix socket in the run folder (port_socket())
+    serial_ports: tuple[str, ...] = ()
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -186,6 +190,10 @@ class Machine:
         self.kernel_info = inspect_kernel(self.cfg.kernel)
         if not self.cfg.initrd.is_file():
             raise self._fail(TestbedError, f"initrd {self.cfg.initrd} does not exist")
+        for name in self.cfg.serial_ports:
+            if not _PORT_NAME.fullmatch(name) or len(name) > 64:
+                raise self._fail(TestbedError, f"serial port name {name!r} is not usable "
+                                 "(letters, digits, '.', '_', '-'; at most 64)")
         sweep_stale_ram_files()
         overlay = []
         if self.cfg.ssh:
@@ -241,6 +249,12 @@ class Machine:
             "-device", f"virtserialport,bus=vser0.0,chardev=ckpt,name={CHECKPOINT_PORT}",
             "-action", "panic=pause,reboot=shutdown",
         ]
+        for i, name in enumerate(c.serial_ports):
+            args += [
+                "-chardev",
+                f"socket,id=port{i},path={self.port_path(name).name},server=on,wait=off",
+                "-device", f"virtserialport,bus=vser0.0,chardev=port{i},name={name}",
+            ]
         if self.ssh_port is not None:
             args += [
                 "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
@@ -400,6 +414,17 @@ class Machine:
             # a command that dies with the guest: report the guest's death, not the symptom
             self.check_alive()
             raise
+
+    def port_path(self, name: str) -> Path:
+        """The unix socket of the extra virtio-serial port `name` (MachineConfig.serial_ports)."""
+        if name not in self.cfg.serial_ports:
+            raise GuestError(f"the machine has no serial port {name!r} "
+                             "(MachineConfig.serial_ports)")
+        return self.run_dir / f"port-{name}.sock"
+
+    def port_socket(self, name: str) -> socket.socket:
+        """A connected socket to the extra virtio-serial port `name` (one client at a time)."""
+        return connect_unix(self.port_path(name))
 
     def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
         if self.qmp is None:
