@@ -1,0 +1,1 @@
+"""Design-specific parts of the testbed (checks, scenarios, models) behind small interfaces."""

@@ -1,0 +1,1 @@
+"""RPAL: the first design the testbed verifies."""

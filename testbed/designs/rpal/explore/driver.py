@@ -1,0 +1,231 @@
+"""Explore: run seeded hypothesis sequences on a session until a check fails or time is up.
+
+On a failure hypothesis shrinks the sequence; the shortest failing one is
+written to the run folder as `failure-N.json` (the steps, symbolic, plus
+what was sent and answered) and `failure-N.sh` (a readable script that
+replays it with `testbed explore --replay`). `replay_file` runs a saved
+sequence again without hypothesis.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hypothesis import errors as hyp_errors
+from hypothesis import seed as hyp_seed
+from hypothesis.stateful import get_state_machine_test
+
+from testbed.check.model import Finding
+from testbed.designs.rpal.explore.machine import explore_settings, make_machine
+from testbed.designs.rpal.explore.session import Record, Session, StepFailure
+from testbed.designs.rpal.explore.steps import Step
+
+FAILURE_SCHEMA = "testbed.explore.failure"
+FAILURE_VERSION = 1
+EXAMPLES_PER_BATCH = 4
+
+
+@dataclass
+class Failure:
+    check: str
+    step_index: int
+    message: str
+    steps: list[Step]
+    trace: list[Record]
+    findings: list[Finding]
+    flaky: bool = False
+
+    def to_json(self, meta: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "schema": FAILURE_SCHEMA, "schema_version": FAILURE_VERSION,
+            "check": self.check, "step": self.step_index, "message": self.message,
+            "flaky": self.flaky, **meta,
+            "steps": [s.to_json() for s in self.steps],
+            "trace": [{"step": r.step.text(), "sent": r.sent, "answer": r.answer,
+                       "expect": r.expect, "check": r.check} for r in self.trace],
+            "findings": [f.to_dict() for f in self.findings if not f.passed or f.error],
+        }
+
+
+@dataclass
+class ExploreResult:
+    seed: int
+    examples: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+    failure: Failure | None = None
+    failure_files: list[Path] = field(default_factory=list)
+    snapshots: int = 0
+    snapshot_seconds: float = 0.0
+    raw_failures: int = 0  # failing sequences seen (before and while shrinking)
+
+    @property
+    def passed(self) -> bool:
+        return self.failure is None
+
+
+class _Recorder:
+    """Keeps every failing sequence the session raised, to pick the shortest at the end."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.seen: list[Failure] = []
+        self.examples = 0
+
+    def wrap(self) -> None:
+        orig = self.session.execute
+        rec = self
+
+        def execute(step: Step) -> None:
+            try:
+                orig(step)
+            except StepFailure as exc:
+                trace = [r for r in rec.session.trace if not r.answer.startswith("(skipped")]
+                rec.seen.append(Failure(exc.check, len(trace) - 1, str(exc),
+                                        [r.step for r in trace], trace, exc.findings))
+                raise
+
+        self.session.execute = execute  # type: ignore[method-assign]
+
+        orig_reset = self.session.reset
+
+        def reset() -> None:
+            rec.examples += 1
+            orig_reset()
+
+        self.session.reset = reset  # type: ignore[method-assign]
+
+
+def explore(session: Session, *, seed: int, steps: int, seconds: float, services: int,
+            max_examples: int | None = None, shrink: bool = True) -> ExploreResult:
+    """Run sequences until `seconds` pass (or `max_examples`), stopping at the first failure."""
+    res = ExploreResult(seed)
+    t0 = time.monotonic()
+    rec = _Recorder(session)
+    rec.wrap()
+    factory = make_machine(session, services)
+    batch = 0
+    while time.monotonic() - t0 < seconds:
+        n = EXAMPLES_PER_BATCH
+        if max_examples is not None:
+            n = min(n, max_examples - rec.examples)
+            if n <= 0:
+                break
+        test = get_state_machine_test(factory, settings=explore_settings(n, steps, shrink))
+        test = hyp_seed(seed * 1_000_003 + batch)(test)
+        batch += 1
+        final: BaseException | None = None
+        try:
+            test()
+        except StepFailure as exc:
+            final = exc
+        except (hyp_errors.Flaky, hyp_errors.FlakyFailure) as exc:  # type: ignore[attr-defined]
+            final = exc
+        except BaseExceptionGroup as exc:  # several failures at once (should not happen)
+            final = exc
+        if final is not None:
+            res.failure = _pick(rec.seen, final)
+            break
+    res.examples = rec.examples
+    res.steps = session.steps_done
+    res.seconds = round(time.monotonic() - t0, 2)
+    res.snapshots = session.snapshots
+    res.snapshot_seconds = round(session.seconds_snapshot, 3)
+    res.raw_failures = len(rec.seen)
+    return res
+
+
+def _pick(seen: list[Failure], final: BaseException) -> Failure:
+    """The shortest failing sequence of the final failure's check (hypothesis' last replay)."""
+    check = getattr(final, "check", None)
+    flaky = not isinstance(final, StepFailure)
+    if check is None and seen:
+        check = seen[-1].check
+    same = [f for f in seen if f.check == check] or seen
+    if not same:
+        return Failure("explore", 0, f"hypothesis ended with {final!r} and no failing step",
+                       [], [], [], flaky=True)
+    best = min(same, key=lambda f: (len(f.steps), -seen.index(f)))
+    best.flaky = flaky
+    return best
+
+
+def write_failure(run_dir: Path, n: int, failure: Failure, meta: dict[str, Any],
+                  replay_cmd: Sequence[str]) -> tuple[Path, Path]:
+    """failure-N.json and failure-N.sh in the run folder."""
+    jpath = run_dir / f"failure-{n}.json"
+    jpath.write_text(json.dumps(failure.to_json(meta), indent=1) + "\n")
+    lines = [
+        "#!/bin/sh",
+        f"# testbed explore found: {failure.check} at step {failure.step_index}",
+        f"#   {failure.message}",
+        f"# seed {meta.get('seed')}, bugs: {', '.join(meta.get('bugs') or []) or 'none'}",
+        "#",
+        "# The sequence (each step: what the host asked; the agent commands it sent;",
+        "# what the guest answered; what the model expected):",
+    ]
+    for i, r in enumerate(failure.trace):
+        lines.append(f"#  {i:2d}. {r.step.text()}")
+        for s in r.sent:
+            lines.append(f"#        > {s}")
+        lines.append(f"#        < {r.answer}")
+        if r.expect:
+            lines.append(f"#        model: {r.expect}")
+    lines += ["#", "# Replay it on a fresh guest:",
+              f"exec {shlex.join([*replay_cmd, '--replay', str(jpath)])} \"$@\"", ""]
+    spath = run_dir / f"failure-{n}.sh"
+    spath.write_text("\n".join(lines))
+    spath.chmod(0o755)
+    return jpath, spath
+
+
+class ReplayFileError(ValueError):
+    pass
+
+
+def load_failure(path: Path) -> tuple[list[Step], dict[str, Any]]:
+    """The steps of a saved failure (or a plain JSON list of steps); one-line errors."""
+    try:
+        doc = json.loads(path.read_text())
+    except OSError as exc:
+        raise ReplayFileError(f"replay file {path} cannot be read ({exc.strerror})") from exc
+    except json.JSONDecodeError as exc:
+        raise ReplayFileError(f"replay file {path} is not JSON: {exc.msg} at line "
+                              f"{exc.lineno}") from exc
+    if isinstance(doc, list):
+        raw, meta = doc, {}
+    elif isinstance(doc, dict) and doc.get("schema") == FAILURE_SCHEMA:
+        if doc.get("schema_version") != FAILURE_VERSION:
+            raise ReplayFileError(f"replay file {path} has schema_version "
+                                  f"{doc.get('schema_version')!r}, expected {FAILURE_VERSION}")
+        raw, meta = doc.get("steps"), doc
+    else:
+        raise ReplayFileError(f"replay file {path} is neither a {FAILURE_SCHEMA} document nor "
+                              "a list of steps")
+    if not isinstance(raw, list):
+        raise ReplayFileError(f"replay file {path}: 'steps' is not a list")
+    steps = []
+    for i, d in enumerate(raw):
+        try:
+            steps.append(Step.from_json(d))
+        except ValueError as exc:
+            raise ReplayFileError(f"replay file {path}, step {i}: {exc}") from exc
+    return steps, meta
+
+
+def replay(session: Session, steps: list[Step]) -> Failure | None:
+    """Run a saved sequence on a clean session; the failure it shows, or None."""
+    session.reset()
+    try:
+        session.replay(steps)
+    except StepFailure as exc:
+        trace = [r for r in session.trace if not r.answer.startswith("(skipped")]
+        return Failure(exc.check, len(trace) - 1, str(exc), [r.step for r in trace], trace,
+                       exc.findings)
+    return None

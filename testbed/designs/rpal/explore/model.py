@@ -1,0 +1,889 @@
+"""The RPAL state as the spec (../shared/RPAL-SPEC.md) says it must be: the spec as code.
+
+The model knows services (id, key, pkey, enabled), their requests (directed),
+the pairs (mutual requests: mapped both ways), each service's dead-key
+queue, the regions of memory the explorer mapped (and what it wrote there),
+and the PKRU every thread must have. For each step it predicts the answer
+(`Expect`: the outcomes it allows, or None when it cannot know) and which
+mms must see a TLB flush; `apply` then moves the state on with what the
+kernel answered (pids, tids and addresses the model does not choose).
+
+Details the spec leaves open come from `choices.REFERENCE_CHOICES` only.
+
+The world (which ids are taken or still held back after a death, the next
+key) outlives one sequence: the explorer reuses one guest for many.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from testbed.designs.rpal.explore.choices import REFERENCE_CHOICES, Choices
+from testbed.designs.rpal.explore.steps import (
+    SEGV_ACCERR,
+    SEGV_PKUERR,
+    SIGSEGV,
+    Answer,
+    Step,
+)
+
+PAGE = 4096
+SLOT_SHIFT = 39
+FULL_PKRU = 0xFFFFFFFF
+
+
+def service_pkru(pkey: int) -> int:
+    """A service thread's default PKRU: every key denied (AD and WD) except its own."""
+    return FULL_PKRU & ~(3 << (2 * pkey))
+
+
+def pkru_allows(pkru: int, pkey: int, write: bool) -> bool:
+    bits = (pkru >> (2 * pkey)) & 3
+    return not (bits & 1) and not (write and bits & 2)
+
+
+# ----------------------------------------------------------------------------- expectations
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One answer the model accepts: its kind and the fields that must have these values.
+
+    A field's value is an int, a str, or a frozenset of ints (any of them).
+    """
+
+    kind: str
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+    def matches(self, a: Answer) -> bool:
+        if a.kind != self.kind:
+            return False
+        for k, want in self.fields.items():
+            if k == "name":
+                if a.errname != want:
+                    return False
+                continue
+            got: Any = a.get_int(k)
+            if got is None:
+                got = a.fields.get(k)
+            if isinstance(want, frozenset):
+                if got not in want:
+                    return False
+            elif isinstance(want, int) and not isinstance(want, bool):
+                if got != want:
+                    return False
+            elif str(got) != str(want):
+                return False
+        return True
+
+    def text(self) -> str:
+        parts = [self.kind]
+        for k, v in self.fields.items():
+            if isinstance(v, frozenset):
+                v = "|".join(str(x) for x in sorted(v))
+            elif isinstance(v, int) and k in ("value", "pkru", "addr"):
+                v = f"0x{v:x}"
+            parts.append(f"{k}={v}")
+        return " ".join(parts)
+
+
+def ok(**fields: Any) -> Outcome:
+    return Outcome("ok", fields)
+
+
+def err(name: str) -> Outcome:
+    return Outcome("err", {"name": name})
+
+
+def segv(code: int | None = None, pkey: int | None = None) -> Outcome:
+    f: dict[str, Any] = {"sig": SIGSEGV}
+    if code is not None:
+        f["code"] = code
+    if pkey is not None:
+        f["pkey"] = pkey
+    return Outcome("fault", f)
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What the model allows for one step, and the check that a mismatch fails."""
+
+    check: str
+    outcomes: tuple[Outcome, ...] | None  # None: the model cannot know; not judged
+    why: str = ""
+
+    def judge(self, a: Answer) -> bool | None:
+        if self.outcomes is None:
+            return None
+        return any(o.matches(a) for o in self.outcomes)
+
+    def text(self) -> str:
+        if self.outcomes is None:
+            return "(not judged)"
+        return " or ".join(o.text() for o in self.outcomes)
+
+
+UNKNOWN = Expect("result", None)
+
+
+@dataclass
+class Prediction:
+    expect: Expect
+    # services whose mm must show a TLB flush across this step (release, exit, exec)
+    flush: set[str] = field(default_factory=set)
+    # the spinner this step must cut off: (spinning service, "gone" | "zeroed")
+    cutoff: tuple[str, str] | None = None
+
+
+# ----------------------------------------------------------------------------- state
+
+
+@dataclass
+class Region:
+    name: str
+    owner: str  # service name
+    incarnation: int  # which life of the owner (exec and respawn start a new one)
+    addr: int
+    pages: int
+    prot: str  # "rw" | "r" | "none"
+    pkey: int
+    values: list[int]
+    alive: bool = True
+
+    @property
+    def end(self) -> int:
+        return self.addr + self.pages * PAGE
+
+    def overlaps(self, addr: int, end: int) -> bool:
+        return self.addr < end and addr < self.end
+
+
+@dataclass
+class Service:
+    name: str
+    incarnation: int
+    pid: int
+    id: int
+    key: int
+    enabled: bool = False
+    pkey: int | None = None  # the enabled pkey
+    alive: bool = True
+    requests: set[str] = field(default_factory=set)  # names of live services requested
+    allocated: set[int] = field(default_factory=lambda: {0})  # pkeys allocated in the mm
+    main_pkru: int | None = None
+    threads: dict[int, int | None] = field(default_factory=dict)  # tid -> expected PKRU
+    deadkeys: list[int] = field(default_factory=list)
+    children: list[int] = field(default_factory=list)
+    spinner: tuple[str, int, int] | None = None  # (region, page, tid) while one runs
+    died_at: float | None = None
+
+    @property
+    def slot(self) -> int:
+        return self.id + 1
+
+    @property
+    def pkey_now(self) -> int:
+        return self.pkey if self.pkey is not None else self.id % 16
+
+    def in_slot(self, addr: int) -> bool:
+        return addr >> SLOT_SHIFT == self.slot
+
+
+@dataclass
+class World:
+    """What outlives one sequence on the same guest: ids in use or held back, the next key."""
+
+    used: dict[int, str] = field(default_factory=dict)  # id -> service name
+    held: dict[int, float] = field(default_factory=dict)  # dead id -> earliest reuse (s)
+    next_key: int | None = 1  # None: unknown (a guest used before the model started)
+
+    def id_candidates(self, now: float, nr: int) -> tuple[frozenset[int], bool]:
+        """Ids the next registration may get (first free; held ones only past the delay)."""
+        taken = set(self.used) | set(self.held)
+        free = [i for i in range(nr) if i not in taken]
+        maybe = {i for i, t in self.held.items() if now >= t}
+        lo = free[0] if free else nr
+        cands = frozenset({lo} if free else set()) | frozenset(i for i in maybe if i < lo)
+        return cands, bool(cands)
+
+
+class Model:
+    def __init__(self, choices: Choices = REFERENCE_CHOICES, world: World | None = None) -> None:
+        self.c = choices
+        self.world = world if world is not None else World()
+        self.svcs: dict[str, Service] = {}  # name -> its latest life
+        self.dead: list[Service] = []  # earlier lives and dead services
+        self.regions: dict[str, Region] = {}
+        self._nregion = 0
+        self._incarnation = 0
+
+    # ----- queries --------------------------------------------------------------------------
+
+    def live(self) -> list[Service]:
+        return [s for s in self.svcs.values() if s.alive]
+
+    def svc(self, name: str) -> Service | None:
+        s = self.svcs.get(name)
+        return s if s and s.alive else None
+
+    def paired(self, a: str, b: str) -> bool:
+        sa, sb = self.svc(a), self.svc(b)
+        return bool(sa and sb and a != b and b in sa.requests and a in sb.requests)
+
+    def peers(self, name: str) -> list[str]:
+        return sorted(o.name for o in self.live() if self.paired(name, o.name))
+
+    def pairs(self) -> set[frozenset[str]]:
+        return {frozenset((a.name, b)) for a in self.live() for b in self.peers(a.name)}
+
+    def live_regions(self, owner: str | None = None) -> list[Region]:
+        return [r for r in self.regions.values() if r.alive
+                and (owner is None or r.owner == owner)]
+
+    def by_key(self, key: int) -> Service | None:
+        for s in self.live():
+            if s.key == key:
+                return s
+        return None
+
+    def key_of(self, name: str) -> int | None:
+        s = self.svcs.get(name)
+        return s.key if s else None
+
+    def expected_threads(self, name: str) -> dict[int, int | None]:
+        s = self.svc(name)
+        if s is None:
+            return {}
+        out = dict(s.threads)
+        out[s.pid] = s.main_pkru
+        return out
+
+    def resolve_key(self, args: Mapping[str, Any], caller: Service) -> int | None:
+        if "key_of" in args:
+            return self.key_of(str(args["key_of"]))
+        if args.get("key") == "own":
+            return caller.key
+        k = args.get("key")
+        return int(k) if isinstance(k, int) else None
+
+    # ----- prediction -----------------------------------------------------------------------
+
+    def predict(self, step: Step, now: float) -> Prediction:
+        fn = getattr(self, f"_p_{step.op}", None)
+        if fn is None:
+            return Prediction(UNKNOWN)
+        if step.op != "spawn" and self.svc(step.svc) is None:
+            return Prediction(Expect("result", None, f"{step.svc} is not alive"))
+        pred: Prediction = fn(step, now)
+        return pred
+
+    def _p_spawn(self, step: Step, now: float) -> Prediction:
+        cands, any_free = self.world.id_candidates(now, self.c.nr_ids)
+        if not any_free:
+            return Prediction(Expect("ids", (err("ENOSPC"),), "no id free"))
+        f: dict[str, Any] = {"id": cands}
+        if self.c.keys_consecutive and self.world.next_key is not None:
+            f["key"] = self.world.next_key
+        f["pkey"] = frozenset(i % 16 for i in cands)
+        return Prediction(Expect("ids", (ok(**f),),
+                                 f"first free id among {sorted(cands)}, the next key"))
+
+    def _p_exec(self, step: Step, now: float) -> Prediction:
+        s = self.svc(step.svc)
+        assert s is not None
+        pred = self._p_spawn(step, now)  # the new mm registers while the old one lives
+        pred.flush = set(self.peers(s.name))
+        pred.cutoff = self._cutoff_of_owner(s.name, None)
+        return pred
+
+    def _p_exit(self, step: Step, now: float) -> Prediction:
+        s = self.svc(step.svc)
+        assert s is not None
+        return Prediction(Expect("exit", (ok(),)), set(self.peers(s.name)),
+                          self._cutoff_of_owner(s.name, None))
+
+    def _p_enable(self, step: Step, now: float) -> Prediction:
+        s = self.svc(step.svc)
+        assert s is not None
+        pkey = int(step.args.get("pkey", -1))
+        refusals = []
+        if not -1 <= pkey <= 15:
+            refusals.append("enable_bad_pkey")
+        if s.enabled:
+            refusals.append("enable_again")
+        if refusals:
+            names = self._ordered(refusals, ("enable_bad_pkey", "enable_again"))
+            return Prediction(Expect("result", tuple(err(self.c.errno[n]) for n in names)))
+        want = s.id % 16 if pkey == -1 else pkey
+        return Prediction(Expect("keys", (ok(pkey=want),),
+                                 f"pkey {want} ({'id % 16' if pkey == -1 else 'asked'})"))
+
+    def _ordered(self, refusals: list[str], order: tuple[str, ...] | None) -> list[str]:
+        if order is None:
+            return refusals
+        return [min(refusals, key=lambda r: order.index(r) if r in order else len(order))]
+
+    def _p_request(self, step: Step, now: float) -> Prediction:
+        s = self.svc(step.svc)
+        assert s is not None
+        key = self.resolve_key(step.args, s)
+        if key is None:
+            return Prediction(UNKNOWN)
+        t = self.by_key(key)
+        refusals = []
+        if not s.enabled:
+            refusals.append("request_not_enabled")
+        if key == s.key:
+            refusals.append("request_own_key")
+        elif t is None:
+            refusals.append("request_no_service")
+        else:
+            if not t.enabled:
+                refusals.append("request_peer_not_enabled")
+            elif s.enabled and t.pkey == s.pkey:
+                refusals.append("request_same_pkey")
+            if t.name in s.requests:
+                refusals.append("request_already")
+            if len(s.requests) >= self.c.max_peers:
+                refusals.append("request_full")
+        near_limit = len(s.requests) >= self.c.max_peers - 1
+        if refusals:
+            names = self._ordered(refusals, self.c.request_order)
+            check = ("keys" if "request_same_pkey" in names else
+                     "peer_limit" if "request_full" in names or near_limit else "result")
+            return Prediction(Expect(check, tuple(err(self.c.errno[n]) for n in names),
+                                     ", ".join(names)))
+        assert t is not None
+        mapped = s.name in t.requests
+        return Prediction(Expect("peer_limit" if near_limit else "result",
+                                 (ok(ret=1 if mapped else 0),),
+                                 "mutual: now mapped" if mapped else "recorded"))
+
+    def _p_release(self, step: Step, now: float) -> Prediction:
+        s = self.svc(step.svc)
+        assert s is not None
+        key = self.resolve_key(step.args, s)
+        if key is None:
+            return Prediction(UNKNOWN)
+        t = self.by_key(key)
+        if t is None or t.name not in s.requests:
+            return Prediction(Expect("result", (err(self.c.errno["release_not_requested"]),)))
+        flush = {s.name, t.name} if self.paired(s.name, t.name) else set()
+        cut = self._cutoff_pair(s.name, t.name) if flush else None
+        return Prediction(Expect("result", (ok(),)), flush, cut)
+
+    def _p_thread(self, step: Step, now: float) -> Prediction:
+        return Prediction(Expect("result", (ok(),)))
+
+    def _p_threadpkru(self, step: Step, now: float) -> Prediction:
+        s = self.svc(step.svc)
+        assert s is not None
+        want = s.threads.get(int(step.args.get("tid", -1)))
+        return Prediction(Expect("pkru", None if want is None else (ok(pkru=want),)))
+
+    def _p_signal(self, step: Step, now: float) -> Prediction:
+        s = self.svc(step.svc)
+        assert s is not None
+        want = service_pkru(s.pkey) if s.enabled and s.pkey is not None else self.c.init_pkru
+        return Prediction(Expect("pkru", (ok(pkru=want),),
+                                 "a signal handler runs with the service's default PKRU"))
+
+    def _p_pkey_alloc(self, step: Step, now: float) -> Prediction:
+        s = self.svc(step.svc)
+        assert s is not None
+        if s.enabled:
+            return Prediction(Expect("keys", (err(self.c.errno["pkey_alloc_locked"]),),
+                                     "all 16 keys count as allocated"))
+        free = [k for k in range(1, 16) if k not in s.allocated]
+        if not free:
+            return Prediction(Expect("result", (err("ENOSPC"),)))
+        return Prediction(Expect("result", (ok(pkey=free[0]),)))
+
+    def _p_pkey_free(self, step: Step, now: float) -> Prediction:
+        s = self.svc(step.svc)
+        assert s is not None
+        k = int(step.args["pkey"])
+        if s.enabled:
+            return Prediction(Expect("keys", (err(self.c.errno["pkey_free_locked"]),),
+                                     "keys are locked in an enabled service"))
+        if k == 0 or k not in s.allocated:
+            return Prediction(Expect("result", (err("EINVAL"),)))
+        return Prediction(Expect("result", (ok(),)))
+
+    def _region(self, step: Step) -> Region | None:
+        return self.regions.get(str(step.args.get("region", "")))
+
+    def _own_region(self, step: Step) -> Region | None:
+        r = self._region(step)
+        s = self.svc(step.svc)
+        if r is None or s is None or r.owner != s.name or r.incarnation != s.incarnation:
+            return None
+        return r
+
+    def _p_mmap(self, step: Step, now: float) -> Prediction:
+        return Prediction(Expect("result", (ok(),)))
+
+    def _p_brk(self, step: Step, now: float) -> Prediction:
+        return Prediction(Expect("result", (ok(),)))
+
+    def _p_touch(self, step: Step, now: float) -> Prediction:
+        return self._access(step, write=True)
+
+    def _p_read(self, step: Step, now: float) -> Prediction:
+        return self._access(step, write=False)
+
+    def _p_write(self, step: Step, now: float) -> Prediction:
+        return self._access(step, write=True)
+
+    def _access(self, step: Step, write: bool) -> Prediction:
+        """A guarded access by step.svc to a page of a region (its own or a peer's)."""
+        a = self.svc(step.svc)
+        r = self._region(step)
+        assert a is not None
+        if r is None:
+            return Prediction(UNKNOWN)
+        page = int(step.args.get("page", 0))
+        mode = step.args.get("pkru", "own")
+        owner = self.svcs.get(r.owner)
+        own = owner is not None and owner.alive and owner.name == a.name \
+            and r.incarnation == a.incarnation
+        if not own:
+            return self._peer_access(a, r, page, write, mode)
+        if not r.alive:
+            return Prediction(Expect("faults", None, "own unmapped region: may be reused"))
+        pkru = 0 if mode == "open" else a.main_pkru
+        if pkru is None:
+            return Prediction(UNKNOWN)
+        allowed_prot = r.prot == "rw" or (r.prot == "r" and not write)
+        allowed_key = pkru_allows(pkru, r.pkey, write)
+        if allowed_prot and allowed_key:
+            return Prediction(Expect("keys", (ok(**({} if write else
+                                                    {"value": r.values[page]})),),
+                                     f"own page, pkey {r.pkey}"))
+        outs = []
+        if not allowed_key:
+            outs.append(segv(SEGV_PKUERR, r.pkey))
+        if not allowed_prot:
+            outs.append(segv(SEGV_ACCERR))
+        return Prediction(Expect("keys" if not allowed_key else "faults", tuple(outs)))
+
+    def _peer_access(self, a: Service, r: Region, page: int, write: bool, mode: str
+                     ) -> Prediction:
+        owner = self.svcs.get(r.owner)
+        if owner is None or not owner.alive or owner.incarnation != r.incarnation:
+            # the owner (that life of it) is dead: its slot must be gone from our tables,
+            # unless its id went to a new service meanwhile
+            dead_id = next((d.id for d in self.dead if d.name == r.owner
+                            and d.incarnation == r.incarnation), None)
+            if dead_id is None or dead_id in self.world.used:
+                return Prediction(Expect("exit", None, "the dead owner's slot was reused"))
+            return Prediction(Expect("exit", (segv(self.c.unmapped_slot_code),),
+                                     "the owner is dead: its slot is no longer mapped"))
+        if not self.paired(a.name, owner.name):
+            return Prediction(Expect("faults", (segv(self.c.unmapped_slot_code),),
+                                     f"{owner.name}'s slot is not mapped for {a.name}"))
+        if not r.alive:
+            if any(o.overlaps(r.addr, r.end) for o in self.live_regions(owner.name)):
+                return Prediction(UNKNOWN)
+            return Prediction(Expect("faults", (segv(),), "the peer unmapped that region"))
+        pkru = 0 if mode == "open" else a.main_pkru
+        if pkru is None:
+            return Prediction(UNKNOWN)
+        allowed_prot = r.prot == "rw" or (r.prot == "r" and not write)
+        allowed_key = pkru_allows(pkru, r.pkey, write)
+        if allowed_prot and allowed_key:
+            return Prediction(Expect("faults", (ok(**({} if write else
+                                                     {"value": r.values[page]})),),
+                                     f"served against {owner.name}'s mm"))
+        outs = []
+        if not allowed_key:
+            outs.append(segv(SEGV_PKUERR, r.pkey))
+        if not allowed_prot:
+            outs.append(segv(SEGV_ACCERR))
+        return Prediction(Expect("isolation" if not allowed_key else "faults", tuple(outs),
+                                 f"{a.name}'s PKRU denies {owner.name}'s pkey {r.pkey}"
+                                 if not allowed_key else "not permitted by the peer's prot"))
+
+    def _p_munmap(self, step: Step, now: float) -> Prediction:
+        r = self._own_region(step)
+        if r is None or not r.alive:
+            return Prediction(UNKNOWN)
+        return Prediction(Expect("result", (ok(),)), cutoff=self._cutoff_region(r, "gone"))
+
+    def _p_mprotect(self, step: Step, now: float) -> Prediction:
+        r = self._own_region(step)
+        if r is None or not r.alive:
+            return Prediction(UNKNOWN)
+        prot = str(step.args["prot"])
+        cut = self._cutoff_region(r, "gone") if prot == "none" else None
+        return Prediction(Expect("result", (ok(),)), cutoff=cut)
+
+    def _p_pkey_mprotect(self, step: Step, now: float) -> Prediction:
+        s = self.svc(step.svc)
+        r = self._own_region(step)
+        assert s is not None
+        if r is None or not r.alive:
+            return Prediction(UNKNOWN)
+        k = int(step.args["pkey"])
+        if k == -1:
+            return self._p_mprotect(step, now)
+        if not 0 <= k <= 15:
+            return Prediction(Expect("result", (err("EINVAL"),)))
+        if s.enabled:
+            return Prediction(Expect("keys", (err(self.c.errno["pkey_mprotect_locked"]),),
+                                     "keys are locked in an enabled service"))
+        if k not in s.allocated:
+            return Prediction(Expect("result", (err("EINVAL"),)))
+        return Prediction(Expect("result", (ok(),)))
+
+    def _p_mremap(self, step: Step, now: float) -> Prediction:
+        r = self._own_region(step)
+        if r is None or not r.alive:
+            return Prediction(UNKNOWN)
+        how = step.args.get("how", "grow")
+        if how == "shrink" and r.pages < 2:
+            return Prediction(UNKNOWN)
+        cut = None
+        if r.owner in self.svcs:
+            sp = self._spinner_on(r)
+            if sp is not None:
+                svc, page = sp
+                if how == "shrink" and page >= r.pages - 1 or how == "grow":
+                    # grow with maymove may move the whole region
+                    cut = (svc, "gone") if how == "shrink" else None
+        return Prediction(Expect("result", (ok(),)), cutoff=cut)
+
+    def _p_madvise(self, step: Step, now: float) -> Prediction:
+        r = self._own_region(step)
+        if r is None or not r.alive:
+            return Prediction(UNKNOWN)
+        advice = step.args.get("advice", "dontneed")
+        cut = self._cutoff_region(r, "zeroed") if advice == "dontneed" else None
+        return Prediction(Expect("result", (ok(),)), cutoff=cut)
+
+    def _p_fork(self, step: Step, now: float) -> Prediction:
+        return Prediction(Expect("result", (ok(),)))
+
+    def _p_deadkeys(self, step: Step, now: float) -> Prediction:
+        s = self.svc(step.svc)
+        assert s is not None
+        if not s.deadkeys:
+            return Prediction(Expect("exit", (ok(keys="none"),
+                                              err(self.c.errno["read_empty_nonblock"])),
+                                     "no peer died"))
+        keys = ",".join(str(k) for k in s.deadkeys[:64])
+        return Prediction(Expect("exit", (ok(keys=keys),),
+                                 "keys of the dead services it requested or was requested by"))
+
+    def _p_poll(self, step: Step, now: float) -> Prediction:
+        s = self.svc(step.svc)
+        assert s is not None
+        return Prediction(Expect("exit", (ok(pollin=1 if s.deadkeys else 0),)))
+
+    def _p_spin(self, step: Step, now: float) -> Prediction:
+        r = self._region(step)
+        a = self.svc(step.svc)
+        assert a is not None
+        if r is None or a.spinner is not None:
+            return Prediction(UNKNOWN)
+        pred = self._peer_access(a, r, int(step.args.get("page", 0)), False, "open")
+        if pred.expect.outcomes and pred.expect.outcomes[0].kind == "ok":
+            v = pred.expect.outcomes[0].fields["value"]
+            return Prediction(Expect("faults", (ok(first=v),), pred.expect.why))
+        return pred
+
+    # ----- spinner cut-offs -----------------------------------------------------------------
+
+    def _spinner_on(self, r: Region) -> tuple[str, int] | None:
+        for s in self.live():
+            if s.spinner is not None and s.spinner[0] == r.name:
+                return s.name, s.spinner[1]
+        return None
+
+    def _cutoff_region(self, r: Region, kind: str) -> tuple[str, str] | None:
+        sp = self._spinner_on(r)
+        return (sp[0], kind) if sp else None
+
+    def _cutoff_of_owner(self, owner: str, _: Any) -> tuple[str, str] | None:
+        for r in self.live_regions(owner):
+            sp = self._spinner_on(r)
+            if sp and sp[0] != owner:
+                return sp[0], "gone"
+        return None
+
+    def _cutoff_pair(self, a: str, b: str) -> tuple[str, str] | None:
+        for s in (a, b):
+            sv = self.svc(s)
+            other = b if s == a else a
+            if sv and sv.spinner:
+                r = self.regions.get(sv.spinner[0])
+                if r and r.owner == other:
+                    return s, "gone"
+        return None
+
+    # ----- applying what happened ------------------------------------------------------------
+
+    def apply(self, step: Step, a: Answer, now: float) -> None:
+        """Move the state on after the kernel answered `a` (an accepted or unjudged answer)."""
+        fn = getattr(self, f"_a_{step.op}", None)
+        if fn is not None:
+            fn(step, a, now)
+        if a.kind in ("died", "timeout"):
+            s = self.svc(step.svc)
+            if s is not None:
+                self._die(s, now)
+
+    def _register(self, name: str, a: Answer) -> Service | None:
+        sid, key, pid = a.get_int("id"), a.get_int("key"), a.get_int("pid")
+        if sid is None or key is None or pid is None:
+            return None
+        self._incarnation += 1
+        s = Service(name, self._incarnation, pid, sid, key, main_pkru=self.c.init_pkru)
+        self.world.used[sid] = name
+        self.world.held.pop(sid, None)
+        self.world.next_key = key + 1
+        self.svcs[name] = s
+        return s
+
+    def _a_spawn(self, step: Step, a: Answer, now: float) -> None:
+        if a.kind == "ok":
+            self._register(step.svc, a)
+
+    def _a_exec(self, step: Step, a: Answer, now: float) -> None:
+        old = self.svc(step.svc)
+        if a.kind != "ok" or old is None:
+            return
+        self._die(old, now)
+        new = self._register(step.svc, a)
+        if new is not None:
+            new.pid = old.pid if a.get_int("pid") is None else new.pid
+
+    def _a_exit(self, step: Step, a: Answer, now: float) -> None:
+        s = self.svc(step.svc)
+        if s is not None and a.kind == "ok":
+            self._die(s, now)
+
+    def _die(self, s: Service, now: float) -> None:
+        """Exit of a service: unpaired, requests dropped both ways, its key queued to others."""
+        for p in self.live():
+            if p.name == s.name:
+                continue
+            if s.name in p.requests or p.name in s.requests:
+                if len(p.deadkeys) < self.c.dead_key_queue:
+                    p.deadkeys.append(s.key)
+                p.requests.discard(s.name)
+            if p.spinner is not None:
+                r = self.regions.get(p.spinner[0])
+                if r is not None and r.owner == s.name:
+                    p.spinner = None
+        s.requests.clear()
+        s.alive = False
+        s.died_at = now
+        s.spinner = None
+        for r in self.live_regions(s.name):
+            r.alive = False
+        self.world.used.pop(s.id, None)
+        if self.c.id_free_delay_ms is not None:
+            self.world.held[s.id] = now + max(
+                0, self.c.id_free_delay_ms - self.c.id_delay_tolerance_ms) / 1000
+        else:
+            self.world.held[s.id] = float("inf")
+        self.dead.append(s)
+
+    def _a_enable(self, step: Step, a: Answer, now: float) -> None:
+        s = self.svc(step.svc)
+        pkey = a.get_int("pkey")
+        if s is None or a.kind != "ok" or pkey is None:
+            return
+        s.enabled = True
+        s.pkey = pkey
+        s.allocated = set(range(16))
+        s.main_pkru = service_pkru(pkey)
+        if self.c.other_threads_at_enable != "keep":
+            s.threads = {t: None for t in s.threads}
+        for r in self.live_regions(s.name):
+            if s.in_slot(r.addr):
+                r.pkey = pkey
+
+    def _a_request(self, step: Step, a: Answer, now: float) -> None:
+        s = self.svc(step.svc)
+        if s is None or a.kind != "ok":
+            return
+        key = self.resolve_key(step.args, s)
+        t = self.by_key(key) if key is not None else None
+        if t is not None:
+            s.requests.add(t.name)
+
+    def _a_release(self, step: Step, a: Answer, now: float) -> None:
+        s = self.svc(step.svc)
+        if s is None or a.kind != "ok":
+            return
+        key = self.resolve_key(step.args, s)
+        t = self.by_key(key) if key is not None else None
+        if t is None:
+            return
+        for x, y in ((s, t), (t, s)):
+            if x.spinner is not None:
+                r = self.regions.get(x.spinner[0])
+                if r is not None and r.owner == y.name and self.paired(s.name, t.name):
+                    x.spinner = None
+        s.requests.discard(t.name)
+
+    def _a_thread(self, step: Step, a: Answer, now: float) -> None:
+        s = self.svc(step.svc)
+        tid = a.get_int("tid")
+        if s is not None and a.kind == "ok" and tid is not None:
+            s.threads[tid] = s.main_pkru  # a new thread inherits its creator's PKRU
+
+    def _a_pkey_alloc(self, step: Step, a: Answer, now: float) -> None:
+        s = self.svc(step.svc)
+        k = a.get_int("pkey")
+        if s is None or a.kind != "ok" or k is None or not 0 <= k <= 15:
+            return
+        s.allocated.add(k)
+        rights = int(step.args.get("rights", 0))
+        if s.main_pkru is not None:
+            s.main_pkru = (s.main_pkru & ~(3 << 2 * k)) | ((rights & 3) << 2 * k)
+
+    def _a_pkey_free(self, step: Step, a: Answer, now: float) -> None:
+        s = self.svc(step.svc)
+        if s is not None and a.kind == "ok":
+            s.allocated.discard(int(step.args["pkey"]))
+
+    def _a_mmap(self, step: Step, a: Answer, now: float) -> None:
+        s = self.svc(step.svc)
+        addr = a.get_int("addr")
+        if s is None or a.kind != "ok" or addr is None:
+            return
+        pages = int(step.args.get("pages", 1))
+        self._new_region(s, str(step.args.get("region") or ""), addr, pages,
+                         str(step.args.get("prot", "rw")))
+
+    def _new_region(self, s: Service, name: str, addr: int, pages: int, prot: str) -> Region:
+        if not name:
+            self._nregion += 1
+            name = f"r{self._nregion}"
+        pkey = s.pkey if s.enabled and s.pkey is not None and s.in_slot(addr) else 0
+        r = Region(name, s.name, s.incarnation, addr, pages, prot, pkey, [0] * pages)
+        for o in self.live_regions(s.name):  # a fixed mapping would replace old ones
+            if o.overlaps(r.addr, r.end):
+                o.alive = False
+        self.regions[name] = r
+        return r
+
+    def next_region_name(self) -> str:
+        return f"r{self._nregion + 1}"
+
+    def _a_brk(self, step: Step, a: Answer, now: float) -> None:
+        s = self.svc(step.svc)
+        old, new = a.get_int("old"), a.get_int("new")
+        if s is None or a.kind != "ok" or old is None or new is None or new <= old:
+            return
+        start = (old + PAGE - 1) // PAGE * PAGE
+        if new - start >= PAGE:
+            self._new_region(s, str(step.args.get("region") or ""), start,
+                             (new - start) // PAGE, "rw")
+
+    def _a_touch(self, step: Step, a: Answer, now: float) -> None:
+        r = self._region(step)
+        if r is not None and a.kind == "ok":
+            r.values = [int(step.args.get("value", 0))] * r.pages
+
+    def _a_write(self, step: Step, a: Answer, now: float) -> None:
+        r = self._region(step)
+        if r is not None and a.kind == "ok":
+            r.values[int(step.args.get("page", 0))] = int(step.args.get("value", 0))
+
+    def _a_munmap(self, step: Step, a: Answer, now: float) -> None:
+        r = self._own_region(step)
+        if r is not None and a.kind == "ok":
+            r.alive = False
+            self._stop_spinners_on(r)
+
+    def _stop_spinners_on(self, r: Region) -> None:
+        for s in self.live():
+            if s.spinner is not None and s.spinner[0] == r.name:
+                s.spinner = None
+
+    def _a_mprotect(self, step: Step, a: Answer, now: float) -> None:
+        r = self._own_region(step)
+        if r is not None and a.kind == "ok":
+            r.prot = str(step.args["prot"])
+            if r.prot == "none":
+                self._stop_spinners_on(r)
+
+    def _a_pkey_mprotect(self, step: Step, a: Answer, now: float) -> None:
+        r = self._own_region(step)
+        if r is not None and a.kind == "ok":
+            r.prot = str(step.args["prot"])
+            k = int(step.args["pkey"])
+            if k != -1:
+                r.pkey = k
+            if r.prot == "none":
+                self._stop_spinners_on(r)
+
+    def _a_mremap(self, step: Step, a: Answer, now: float) -> None:
+        r = self._own_region(step)
+        addr = a.get_int("addr")
+        if r is None or a.kind != "ok" or addr is None:
+            return
+        how = step.args.get("how", "grow")
+        if how == "shrink":
+            r.pages -= 1
+            r.values = r.values[:r.pages]
+        elif how == "grow":
+            r.pages += 1
+            r.values = r.values + [0]
+        if addr != r.addr:
+            self._stop_spinners_on(r)
+        r.addr = addr
+
+    def _a_madvise(self, step: Step, a: Answer, now: float) -> None:
+        r = self._own_region(step)
+        if r is not None and a.kind == "ok" and step.args.get("advice") == "dontneed":
+            r.values = [0] * r.pages
+            self._stop_spinners_on(r)
+
+    def _a_fork(self, step: Step, a: Answer, now: float) -> None:
+        s = self.svc(step.svc)
+        child = a.get_int("child")
+        if s is not None and a.kind == "ok" and child is not None:
+            s.children.append(child)
+
+    def _a_deadkeys(self, step: Step, a: Answer, now: float) -> None:
+        s = self.svc(step.svc)
+        if s is None or a.kind != "ok":
+            return
+        got = a.fields.get("keys", "none")
+        n = 0 if got in ("none", "") else len(got.split(","))
+        del s.deadkeys[:n]
+
+    def _a_spin(self, step: Step, a: Answer, now: float) -> None:
+        s = self.svc(step.svc)
+        tid = a.get_int("tid")
+        if s is not None and a.kind == "ok" and tid is not None:
+            s.spinner = (str(step.args["region"]), int(step.args.get("page", 0)), tid)
+            s.threads[tid] = 0  # it WRPKRUs the open PKRU once
+
+    def spinner_done(self, name: str) -> None:
+        s = self.svc(name)
+        if s is not None and s.spinner is not None:
+            s.threads.pop(s.spinner[2], None)
+            s.spinner = None
+
+    # ----- for the snapshot checks ------------------------------------------------------------
+
+    def snapshot_view(self) -> tuple[list[Service], list[Service], set[frozenset[str]]]:
+        """Live services, dead ones whose slot nobody took since, and the pairs."""
+        gone = [d for d in self.dead if d.id not in self.world.used
+                and not any(x.id == d.id for x in self.dead if x.died_at and d.died_at
+                            and x.died_at > d.died_at)]
+        return self.live(), gone, self.pairs()
+
+
+def describe(services: Iterable[Service]) -> list[dict[str, Any]]:
+    return [{"name": s.name, "pid": s.pid, "id": s.id, "key": s.key, "enabled": s.enabled,
+             "pkey": s.pkey, "requests": sorted(s.requests), "deadkeys": list(s.deadkeys)}
+            for s in services]

@@ -1,0 +1,180 @@
+"""Oracles after every step: host snapshot checks and step checks, judged from the MODEL.
+
+All use of snapshots and of the snapshot checks is here, so a change of the
+snapshot's form (dict today, typed objects soon) is a change of this module.
+
+Snapshot checks (testbed.check.rpal), with their facts built from the model
+(never from what the guest says): slot confinement, slot copies (entries,
+markers, tables, nothing of a dead slot), keys (every leaf of an enabled
+service), TLB state (every CPU with a service's mm loaded is at its
+generation), and PKRU of every thread the model knows.
+
+Step checks: TLB generations across the step (a flush of a paired service's
+mm moves each mapped peer's generation; release bumps both sides, exit each
+surviving peer); the kernel log since the previous step.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+from testbed.check.model import Finding
+from testbed.check.rpal import (
+    Facts,
+    check_keys,
+    check_slot_confinement,
+    check_slot_copies,
+    check_tlb_propagation,
+    check_tlb_state,
+)
+from testbed.check.rpal import Service as FactService
+from testbed.designs.rpal.explore.model import Model, Prediction
+
+KERNEL_LOG_PATTERNS = re.compile(
+    r"BUG[: ]|WARNING:|Oops|Bad page|general protection fault|KASAN|"
+    r"possible circular locking|lockdep|Kernel panic|kernel BUG|list_add corruption|"
+    r"list_del corruption|refcount_t:|UBSAN"
+)
+
+
+def hx(v: int) -> str:
+    return f"0x{v:x}"
+
+
+def finding(check: str, ok: bool, msg: str, step: int, subject: str = "", error: bool = False,
+            **evidence: Any) -> Finding:
+    return Finding(check, ok, msg, "explore", f"step {step}", subject, evidence, error=error)
+
+
+def model_facts(model: Model, enabled_only: bool = False) -> Facts:
+    live, gone, pairs = model.snapshot_view()
+    services: dict[str, FactService] = {}
+    for s in live:
+        if enabled_only and not s.enabled:
+            continue
+        services[s.name] = FactService(s.name, s.pid, s.id, s.key, s.pkey_now, True)
+    if not enabled_only:
+        for d in gone:
+            services[f"{d.name}~{d.incarnation}"] = FactService(
+                f"{d.name} (dead, life {d.incarnation})", d.pid, d.id, d.key, d.pkey_now, False)
+    keep = {p for p in pairs if p <= set(services)}
+    return Facts(services, frozenset(keep))
+
+
+class Snapshotter(Protocol):
+    def capture(self, name: str = "") -> dict[str, Any]: ...
+
+
+def _mm_of(snap: dict[str, Any], pid: int) -> dict[str, Any] | None:
+    for mm in snap["mms"]:
+        if pid in mm["tasks"]:
+            return mm
+    return None
+
+
+def check_pkru_model(snap: dict[str, Any], model: Model, step: int) -> Iterator[Finding]:
+    """Every thread the model knows has the PKRU the model expects (unknown ones skipped)."""
+    tasks = {t["pid"]: t for t in snap["tasks"]}
+    for s in model.live():
+        for tid, want in sorted(model.expected_threads(s.name).items()):
+            if want is None:
+                continue
+            t = tasks.get(tid)
+            if t is None or t.get("tgid") != s.pid:
+                yield finding("pkru", False, f"thread {tid} of {s.name} is not in the snapshot",
+                              step, s.name, error=True)
+                continue
+            got = int(t["pkru"], 16)
+            yield finding(
+                "pkru", got == want,
+                f"thread {tid} of {s.name}: PKRU {hx(got)}"
+                + ("" if got == want else f", expected {hx(want)}")
+                + (" (fully open)" if got == 0 and want != 0 else ""),
+                step, s.name, pid=s.pid, tid=tid, pkru=hx(got), expected=hx(want),
+                source=t.get("pkru_source"),
+            )
+
+
+def snapshot_findings(snap: dict[str, Any], model: Model, step: int) -> list[Finding]:
+    ctx = {"scenario": "explore", "checkpoint": f"step {step}"}
+    facts = model_facts(model)
+    out: list[Finding] = []
+    if facts.services:
+        out += check_slot_confinement(snap, facts, ctx)
+        out += check_slot_copies(snap, facts, ctx)
+        out += check_tlb_state(snap, facts, ctx)
+    enabled = model_facts(model, enabled_only=True)
+    if enabled.services:
+        out += check_keys(snap, enabled, ctx)
+    out += check_pkru_model(snap, model, step)
+    return out
+
+
+def tlb_step_findings(before: dict[str, Any], after: dict[str, Any], model_before: Facts,
+                      model: Model, pred: Prediction, pids: dict[str, int], step: int
+                      ) -> list[Finding]:
+    """TLB generations across one step: propagation to peers, and the flushes it must do."""
+    ctx = {"scenario": "explore", "checkpoint": f"step {step}"}
+    out: list[Finding] = []
+    after_facts = model_facts(model)
+    both = frozenset(p for p in model_before.pairs if p in after_facts.pairs)
+    if both:
+        facts = Facts({r: after_facts.services[r] for p in both for r in p}, both)
+        out += check_tlb_propagation(before, after, facts, ctx)
+    for name in sorted(pred.flush):
+        pid = pids.get(name)
+        if pid is None:
+            continue
+        m0, m1 = _mm_of(before, pid), _mm_of(after, pid)
+        if m0 is None or m1 is None or m0["address"] != m1["address"]:
+            s = model.svc(name)
+            if s is None or m1 is None:
+                continue  # that mm is gone (the service exited): nothing left to flush
+            out.append(finding("tlb_state", False, f"mm of {name} missing from a snapshot",
+                               step, name, error=True))
+            continue
+        ok = m1["tlb_gen"] > m0["tlb_gen"]
+        out.append(finding(
+            "tlb_state", ok,
+            f"{name}'s mm must be flushed by this step: tlb_gen {m0['tlb_gen']} -> "
+            f"{m1['tlb_gen']}" + ("" if ok else " (no flush)"),
+            step, name, pid=pid, tlb_gen=[m0["tlb_gen"], m1["tlb_gen"]],
+        ))
+    return out
+
+
+class ConsoleWatch:
+    """New kernel log lines (BUG, WARNING, Oops...) in the console file since the last look."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.offset = self._size()
+
+    def _size(self) -> int:
+        try:
+            return self.path.stat().st_size if self.path else 0
+        except OSError:
+            return 0
+
+    def new_lines(self) -> list[str]:
+        if self.path is None:
+            return []
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return []
+        cut = data.rfind(b"\n") + 1
+        self.offset += cut
+        return data[:cut].decode(errors="replace").splitlines()
+
+    def findings(self, step: int) -> list[Finding]:
+        bad = [ln.strip() for ln in self.new_lines() if KERNEL_LOG_PATTERNS.search(ln)]
+        if not bad:
+            return []
+        return [finding("kernel_log", False, f"kernel log: {bad[0][:200]}", step,
+                        lines=bad[:20])]

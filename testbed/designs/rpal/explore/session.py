@@ -1,0 +1,291 @@
+"""One explorer session on one guest: execute steps, judge each, keep the trace.
+
+`Session.execute(step)` resolves a symbolic step into the agent's command,
+sends it, judges the answer against the model's prediction, moves the model
+on, does what the step implies (arm and stop a spinner it cut off, read
+back the dead-key queues after a death), then runs the oracles. A failed
+judgment raises `StepFailure` (one subclass per check, so the shrinker keeps
+to the same check). Both hypothesis and `--replay` drive it the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from testbed.check.model import Finding
+from testbed.designs.rpal.explore import oracles
+from testbed.designs.rpal.explore.choices import REFERENCE_CHOICES, Choices
+from testbed.designs.rpal.explore.model import PAGE, Model, Prediction, World
+from testbed.designs.rpal.explore.steps import Agent, Answer, Step
+
+# A spinner read completes after `arm` without proof of a stale translation once: the
+# load may have happened before the flush and its count after. Two after-arm reads are
+# proof (the second one began after the cut-off returned).
+SPIN_PROOF = 2
+SPIN_SETTLE_S = 0.005  # let the spinner run a little after arm before stopping it
+
+
+class StepFailure(AssertionError):
+    check = "result"
+
+    def __init__(self, step_index: int, step: Step, findings: list[Finding]) -> None:
+        self.step_index = step_index
+        self.step = step
+        self.findings = findings
+        first = findings[0]
+        super().__init__(f"step {step_index} ({step.text()}): {first.check}: {first.message}")
+
+
+_failure_types: dict[str, type[StepFailure]] = {}
+
+
+def failure_type(check: str) -> type[StepFailure]:
+    """One exception class per check: hypothesis shrinks a failure to one of the same kind."""
+    t = _failure_types.get(check)
+    if t is None:
+        t = type(f"CheckFailed_{check}", (StepFailure,), {"check": check})
+        _failure_types[check] = t
+    return t
+
+
+class AgentBroken(Exception):
+    """The agent or guest stopped answering sensibly; the session cannot go on."""
+
+
+@dataclass
+class Record:
+    step: Step
+    sent: list[str] = field(default_factory=list)  # concrete commands, for the script
+    answer: str = ""
+    expect: str = ""
+    check: str = ""
+
+
+class Session:
+    def __init__(self, agent: Agent, *, snapshotter: oracles.Snapshotter | None = None,
+                 console: oracles.ConsoleWatch | None = None,
+                 choices: Choices = REFERENCE_CHOICES, clock: Callable[[], float] = time.monotonic,
+                 judge_snapshots: bool = True) -> None:
+        self.agent = agent
+        self.snap = snapshotter if judge_snapshots else None
+        self.console = console
+        self.choices = choices
+        self.clock = clock
+        self.world = World()
+        self.model = Model(choices, self.world)
+        self.trace: list[Record] = []
+        self.last_snap: dict[str, Any] | None = None
+        self.steps_done = 0
+        self.snapshots = 0
+        self.seconds_snapshot = 0.0
+
+    # ----- sequences ------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Kill every service of the previous sequence; a fresh model on the same world."""
+        for s in self.model.live():
+            a = self.agent.call("kill", svc=s.name, sig=9)
+            if a.kind == "ok":
+                self.model._die(s, self.clock())
+        self._wait_gone()
+        self.agent.events()
+        self.model = Model(self.choices, self.world)
+        self.trace = []
+        self.last_snap = None
+        if self.console is not None:
+            self.console.new_lines()
+
+    def _wait_gone(self) -> None:
+        deadline = self.clock() + 5
+        while self.clock() < deadline:
+            a = self.agent.call("list")
+            if a.kind != "ok" or a.fields.get("svcs", "none") in ("none", ""):
+                return
+            time.sleep(0.01)
+
+    # ----- one step -------------------------------------------------------------------------
+
+    def resolve(self, step: Step) -> dict[str, Any] | None:
+        """The agent arguments of a step (None: the step names something that is not there)."""
+        m = self.model
+        a = step.args
+        out: dict[str, Any] = {"svc": step.svc}
+        s = m.svc(step.svc)
+        op = step.op
+        if op in ("request", "release"):
+            if s is None:
+                return None
+            key = m.resolve_key(a, s)
+            if key is None:
+                return None
+            out["key"] = key
+            return out
+        if op == "enable":
+            out["pkey"] = int(a.get("pkey", -1))
+            return out
+        if op in ("pkey_free",):
+            out["pkey"] = int(a["pkey"])
+            return out
+        if op in ("spawn", "exit", "exec", "thread", "fork", "signal", "deadkeys", "poll",
+                  "pkey_alloc"):
+            return out
+        if op == "mmap":
+            out.update(len=int(a.get("pages", 1)) * PAGE, prot=str(a.get("prot", "rw")))
+            return out
+        if op == "brk":
+            out["delta"] = int(a.get("pages", 1)) * PAGE
+            return out
+        r = m.regions.get(str(a.get("region", "")))
+        if r is None:
+            return None
+        page = int(a.get("page", 0))
+        addr = r.addr + page * PAGE
+        length = r.pages * PAGE
+        if op == "touch":
+            out.update(addr=r.addr, len=length, value=int(a.get("value", 0)))
+        elif op in ("read", "spin"):
+            out["addr"] = addr
+            if a.get("pkru", "own") == "open" or op == "spin":
+                out["pkru"] = 0
+            if op == "spin":
+                out["cpu"] = 1
+        elif op == "write":
+            out.update(addr=addr, value=int(a.get("value", 0)))
+            if a.get("pkru", "own") == "open":
+                out["pkru"] = 0
+        elif op in ("munmap", "madvise", "mprotect", "pkey_mprotect"):
+            out.update(addr=r.addr, len=length)
+            if op == "madvise":
+                out["advice"] = str(a.get("advice", "dontneed"))
+            if op in ("mprotect", "pkey_mprotect"):
+                out["prot"] = str(a["prot"])
+            if op == "pkey_mprotect":
+                out["pkey"] = int(a["pkey"])
+        elif op == "mremap":
+            how = a.get("how", "grow")
+            new = length + PAGE if how == "grow" else length - PAGE
+            out.update(addr=r.addr, old=length, new=new, maymove=1)
+        else:
+            return None
+        return out
+
+    def _call(self, rec: Record, op: str, **args: Any) -> Answer:
+        rec.sent.append(" ".join([op] + [f"{k}={_fmt(k, v)}" for k, v in args.items()]))
+        return self.agent.call(op, **args)
+
+    def execute(self, step: Step) -> None:
+        index = len(self.trace)
+        rec = Record(step)
+        self.trace.append(rec)
+        args = self.resolve(step)
+        if args is None:
+            rec.answer = "(skipped: names nothing that exists now)"
+            return
+        m = self.model
+        pids = {s.name: s.pid for s in m.live()}
+        facts_before = oracles.model_facts(m)
+        now = self.clock()
+        pred = m.predict(step, now)
+        rec.expect = pred.expect.text()
+        rec.check = pred.expect.check
+        a = self._call(rec, step.op, **args)
+        rec.answer = a.text()
+        if a.kind == "bad":
+            raise AgentBroken(f"the agent refused {rec.sent[-1]!r}: {a.text()}")
+        findings: list[Finding] = []
+        verdict = pred.expect.judge(a)
+        if verdict is False:
+            findings.append(oracles.finding(
+                pred.expect.check, False,
+                f"{step.text()} -> {a.text()}; the model expects {pred.expect.text()}"
+                + (f" ({pred.expect.why})" if pred.expect.why else ""),
+                index, step.svc, sent=rec.sent[-1], answer=a.text(),
+                expected=pred.expect.text()))
+        m.apply(step, a, now)
+        if not findings:
+            findings += self._after(step, pred, rec, index)
+        self.steps_done += 1
+        if self.snap is not None and not findings:
+            t0 = time.perf_counter()
+            snap = self.snap.capture(f"step-{index}")
+            self.seconds_snapshot += time.perf_counter() - t0
+            self.snapshots += 1
+            findings += oracles.snapshot_findings(snap, m, index)
+            if self.last_snap is not None:
+                findings += oracles.tlb_step_findings(self.last_snap, snap, facts_before, m,
+                                                      pred, pids, index)
+            self.last_snap = snap
+        if self.console is not None:
+            findings += self.console.findings(index)
+        bad = [f for f in findings if not f.passed or f.error]
+        if bad:
+            rec.check = bad[0].check
+            raise failure_type(bad[0].check)(index, step, bad)
+
+    def _after(self, step: Step, pred: Prediction, rec: Record, index: int) -> list[Finding]:
+        """What a step implies: stop a spinner it cut off; read back dead-key queues."""
+        out: list[Finding] = []
+        if pred.cutoff is not None:
+            out += self._judge_spinner(pred.cutoff, rec, index)
+        if step.op in ("exit", "exec"):
+            for s in self.model.live():
+                if step.op == "exec" and s.name == step.svc:
+                    continue
+                want = ",".join(str(k) for k in s.deadkeys[:64]) or "none"
+                a = self._call(rec, "deadkeys", svc=s.name)
+                got = a.fields.get("keys", "none") if a.kind == "ok" else \
+                    ("none" if a.errname == self.choices.errno["read_empty_nonblock"]
+                     else a.text())
+                if got != want:
+                    out.append(oracles.finding(
+                        "exit", False,
+                        f"after {step.text()}: {s.name}'s dead-key queue reads {got}, the "
+                        f"model expects {want} (keys of the dead it requested or was "
+                        "requested by)", index, s.name, got=got, expected=want))
+                    break
+                s.deadkeys.clear()
+        for ev in self.agent.events():
+            if ev.kind == "exited" and "child" not in ev.fields:
+                name = ev.fields.get("svc", "")
+                s = self.model.svc(name)
+                if s is not None and str(s.pid) == ev.fields.get("pid"):
+                    out.append(oracles.finding(
+                        "result", False, f"{name} died on its own: {ev.text()}", index, name))
+                    self.model._die(s, self.clock())
+        return out
+
+    def _judge_spinner(self, cutoff: tuple[str, str], rec: Record, index: int
+                       ) -> list[Finding]:
+        name, kind = cutoff
+        if self.model.svc(name) is None:
+            return []
+        self._call(rec, "arm", svc=name)
+        time.sleep(SPIN_SETTLE_S)
+        a = self._call(rec, "spinstop", svc=name)
+        self.model.spinner_done(name)
+        if a.kind != "ok":
+            return [oracles.finding("tlb_shootdown", False, f"spinstop of {name}: {a.text()}",
+                                    index, name, error=True)]
+        after, stale = a.get_int("after") or 0, a.get_int("stale") or 0
+        hung = a.get_int("hung") == 1
+        witness = after if kind == "gone" else stale
+        ok = witness < SPIN_PROOF and not hung
+        what = "reads completed" if kind == "gone" else "reads returned the old value"
+        return [oracles.finding(
+            "tlb_shootdown", ok,
+            f"{name}'s spinner after {rec.step.text()} returned: {witness} {what}"
+            + (" (the spinner hung)" if hung else ""),
+            index, name, spinstop=a.text())]
+
+    def replay(self, steps: list[Step]) -> None:
+        for st in steps:
+            self.execute(st)
+
+
+def _fmt(key: str, v: Any) -> str:
+    if isinstance(v, int) and key in ("addr", "value", "pkru"):
+        return f"0x{v:x}"
+    return str(v)
