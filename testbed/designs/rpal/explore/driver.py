@@ -63,7 +63,9 @@ class ExploreResult:
     failure_files: list[Path] = field(default_factory=list)
     snapshots: int = 0
     snapshot_seconds: float = 0.0
-    raw_failures: int = 0  # failing sequences seen (before and while shrinking)
+    raw_failures: int = 0  # failing sequences hypothesis saw
+    unshrunk_steps: int = 0
+    shrink_runs: int = 0
 
     @property
     def passed(self) -> bool:
@@ -102,9 +104,52 @@ class _Recorder:
         self.session.reset = reset  # type: ignore[method-assign]
 
 
+def shrink_steps(session: Session, failure: Failure, *, seconds: float = 120.0,
+                 max_runs: int = 200) -> tuple[Failure, int]:
+    """Delta debugging on the symbolic steps: drop chunks while the same check still fails.
+
+    Steps are symbolic, so a step whose service or region a removal took away is
+    skipped when replayed; each kept candidate is cut after its failing step.
+    """
+    t0 = time.monotonic()
+    best = failure
+    runs = 0
+
+    def fails(cand: list[Step]) -> Failure | None:
+        nonlocal runs
+        runs += 1
+        f = replay(session, cand)
+        return f if f is not None and f.check == failure.check else None
+
+    n = 2
+    while len(best.steps) >= 2 and runs < max_runs and time.monotonic() - t0 < seconds:
+        cur = best.steps
+        chunk = max(1, -(-len(cur) // n))
+        for i in range(0, len(cur), chunk):
+            if runs >= max_runs or time.monotonic() - t0 >= seconds:
+                break
+            f = fails(cur[:i] + cur[i + chunk:])
+            if f is not None and len(f.steps) < len(cur):
+                best = f
+                n = max(n - 1, 2)
+                break
+        else:
+            if chunk == 1:
+                break
+            n = min(len(cur), n * 2)
+    best.flaky = failure.flaky
+    return best, runs
+
+
 def explore(session: Session, *, seed: int, steps: int, seconds: float, services: int,
-            max_examples: int | None = None, shrink: bool = True) -> ExploreResult:
-    """Run sequences until `seconds` pass (or `max_examples`), stopping at the first failure."""
+            max_examples: int | None = None, shrink: bool = True,
+            shrink_seconds: float = 180.0) -> ExploreResult:
+    """Run sequences until `seconds` pass (or `max_examples`), stopping at the first failure.
+
+    Hypothesis generates (seeded); the failing sequence is then shrunk by
+    `shrink_steps` on the symbolic steps (each candidate a replay on the same guest),
+    which on a slow guest goes much further per second than re-generating.
+    """
     res = ExploreResult(seed)
     t0 = time.monotonic()
     rec = _Recorder(session)
@@ -117,7 +162,7 @@ def explore(session: Session, *, seed: int, steps: int, seconds: float, services
             n = min(n, max_examples - rec.examples)
             if n <= 0:
                 break
-        test = get_state_machine_test(factory, settings=explore_settings(n, steps, shrink))
+        test = get_state_machine_test(factory, settings=explore_settings(n, steps, False))
         test = hyp_seed(seed * 1_000_003 + batch)(test)
         batch += 1
         final: BaseException | None = None
@@ -125,19 +170,23 @@ def explore(session: Session, *, seed: int, steps: int, seconds: float, services
             test()
         except StepFailure as exc:
             final = exc
-        except (hyp_errors.Flaky, hyp_errors.FlakyFailure) as exc:  # type: ignore[attr-defined]
+        except (hyp_errors.Flaky, hyp_errors.FlakyFailure) as exc:
             final = exc
         except BaseExceptionGroup as exc:  # several failures at once (should not happen)
             final = exc
         if final is not None:
             res.failure = _pick(rec.seen, final)
             break
+    res.raw_failures = len(rec.seen)
+    if res.failure is not None and shrink and res.failure.steps:
+        res.unshrunk_steps = len(res.failure.steps)
+        res.failure, res.shrink_runs = shrink_steps(session, res.failure,
+                                                    seconds=shrink_seconds)
     res.examples = rec.examples
     res.steps = session.steps_done
     res.seconds = round(time.monotonic() - t0, 2)
     res.snapshots = session.snapshots
     res.snapshot_seconds = round(session.seconds_snapshot, 3)
-    res.raw_failures = len(rec.seen)
     return res
 
 
@@ -198,6 +247,8 @@ def load_failure(path: Path) -> tuple[list[Step], dict[str, Any]]:
     except json.JSONDecodeError as exc:
         raise ReplayFileError(f"replay file {path} is not JSON: {exc.msg} at line "
                               f"{exc.lineno}") from exc
+    raw: Any
+    meta: dict[str, Any]
     if isinstance(doc, list):
         raw, meta = doc, {}
     elif isinstance(doc, dict) and doc.get("schema") == FAILURE_SCHEMA:

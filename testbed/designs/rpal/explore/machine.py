@@ -50,19 +50,71 @@ def make_machine(session: Session, services: int) -> type[RuleBasedStateMachine]
             return sorted(self.s.model.live_regions(name), key=lambda r: r.name)
 
         # ----- services -------------------------------------------------------------------
-        @precondition(lambda self: len(self.live()) < services)
-        @rule(data=st.data())
         def spawn(self, data: st.DataObject) -> None:
             free = [n for n in names if n not in self.live()]
             self.do("spawn", data.draw(st.sampled_from(free), label="svc"))
 
-        @precondition(lambda self: bool(self.live()))
-        @rule(data=st.data(), pkey=st.one_of(st.just(-1), st.integers(0, 15),
-                                             st.sampled_from([16, -2])))
-        def enable(self, data: st.DataObject, pkey: int) -> None:
+        def enable(self, data: st.DataObject) -> None:
+            kind = data.draw(st.sampled_from(["explicit", "another's", "bad"]), label="kind")
             n = self.pick_live(data)
             assert n
+            others = sorted({x.pkey_now for x in self.s.model.live()
+                             if x.name != n and x.enabled})
+            if kind == "another's" and others:
+                pkey = data.draw(st.sampled_from(others), label="pkey")
+            elif kind == "bad":
+                pkey = data.draw(st.sampled_from([16, -2, 1 << 31]), label="pkey")
+            else:
+                pkey = data.draw(st.integers(0, 15), label="pkey")
             self.do("enable", n, pkey=pkey)
+
+        def enableable(self) -> list[str]:
+            return [n for n in self.live() if not self.s.model.svcs[n].enabled]
+
+        def enable_default(self, data: st.DataObject) -> None:
+            """The common case, more often: the default pkey (id % 16)."""
+            self.do("enable", data.draw(st.sampled_from(self.enableable()), label="svc"),
+                    pkey=-1)
+
+        def pairable(self) -> list[tuple[str, str]]:
+            m = self.s.model
+            out = []
+            for a in m.live():
+                for b in m.live():
+                    if a.name != b.name and a.enabled and b.enabled and a.pkey != b.pkey \
+                            and b.name not in a.requests:
+                        out.append((a.name, b.name))
+            # the second request of a pair first: it maps them
+            return sorted(out, key=lambda p: p[0] not in m.svcs[p[1]].requests)
+
+        def request_peer(self, data: st.DataObject) -> None:
+            """A request that can succeed (the common case, more often)."""
+            a, b = data.draw(st.sampled_from(self.pairable()), label="pair")
+            self.do("request", a, key_of=b)
+
+        def spun(self) -> list[tuple[str, str]]:
+            """(owner, region) of each region a spinner reads."""
+            m = self.s.model
+            return [(m.regions[s.spinner[0]].owner, s.spinner[0]) for s in m.live()
+                    if s.spinner is not None and s.spinner[0] in m.regions]
+
+        def cut_off(self, data: st.DataObject) -> None:
+            """The owner of a spun region cuts the spinner off."""
+            how = data.draw(st.sampled_from(["munmap", "mprotect", "dontneed", "release",
+                                             "exit"]), label="how")
+            owner, region = data.draw(st.sampled_from(self.spun()), label="spun")
+            if how == "munmap":
+                self.do("munmap", owner, region=region)
+            elif how == "mprotect":
+                self.do("mprotect", owner, region=region, prot="none")
+            elif how == "dontneed":
+                self.do("madvise", owner, region=region, advice="dontneed")
+            elif how == "release":
+                spinner = next(s.name for s in self.s.model.live() if s.spinner
+                               and s.spinner[0] == region)
+                self.do("release", owner, key_of=spinner)
+            else:
+                self.do("exit", owner)
 
         def _target(self, data: st.DataObject, n: str) -> dict[str, Any]:
             m = self.s.model
@@ -75,66 +127,54 @@ def make_machine(session: Session, services: int) -> type[RuleBasedStateMachine]
                 return {"key": "own"}
             return {"key": data.draw(st.sampled_from([0, 0xFFFFFFFFFFFFFFFF, 999999]))}
 
-        @precondition(lambda self: bool(self.live()))
-        @rule(data=st.data())
         def request(self, data: st.DataObject) -> None:
             n = self.pick_live(data)
             assert n
             self.do("request", n, **self._target(data, n))
 
-        @precondition(lambda self: bool(self.live()))
-        @rule(data=st.data())
         def release(self, data: st.DataObject) -> None:
             n = self.pick_live(data)
             assert n
             s = self.s.model.svc(n)
             assert s
-            if s.requests and data.draw(st.booleans(), label="requested"):
+            if s.requests and bool(data.draw(st.booleans(), label="requested")):
                 self.do("release", n, key_of=data.draw(st.sampled_from(sorted(s.requests))))
             else:
                 self.do("release", n, **self._target(data, n))
 
-        @precondition(lambda self: bool(self.live()))
-        @rule(data=st.data())
         def exit(self, data: st.DataObject) -> None:
             n = self.pick_live(data)
             assert n
             self.do("exit", n)
 
-        @precondition(lambda self: bool(self.live()))
-        @rule(data=st.data())
-        def exec_(self, data: st.DataObject) -> None:
+        def exec(self, data: st.DataObject) -> None:
             n = self.pick_live(data)
             assert n
             self.do("exec", n)
 
-        @precondition(lambda self: bool(self.live()))
-        @rule(data=st.data(), op=st.sampled_from(["thread", "signal", "deadkeys", "poll",
-                                                  "pkey_alloc", "fork"]))
-        def simple(self, data: st.DataObject, op: str) -> None:
+        def simple(self, data: st.DataObject) -> None:
+            op = data.draw(st.sampled_from(["thread", "signal", "deadkeys", "poll",
+                                            "pkey_alloc", "fork"]), label="op")
             n = self.pick_live(data)
             assert n
             self.do(op, n)
 
-        @precondition(lambda self: bool(self.live()))
-        @rule(data=st.data(), pkey=st.integers(0, 15))
-        def pkey_free(self, data: st.DataObject, pkey: int) -> None:
+        def pkey_free(self, data: st.DataObject) -> None:
+            pkey = data.draw(st.integers(0, 15), label="pkey")
             n = self.pick_live(data)
             assert n
             self.do("pkey_free", n, pkey=pkey)
 
         # ----- memory ---------------------------------------------------------------------
-        @precondition(lambda self: bool(self.live()))
-        @rule(data=st.data(), pages=st.integers(1, 3),
-              prot=st.sampled_from(["rw", "rw", "rw", "r", "none"]))
-        def mmap(self, data: st.DataObject, pages: int, prot: str) -> None:
+        def mmap(self, data: st.DataObject) -> None:
+            pages = data.draw(st.integers(1, 3), label="pages")
+            prot = data.draw(st.sampled_from(["rw", "rw", "rw", "r", "none"]), label="prot")
             n = self.pick_live(data)
             assert n
             self.do("mmap", n, pages=pages, prot=prot, region=self.s.model.next_region_name())
 
-        @precondition(lambda self: bool(self.live()))
-        @rule(data=st.data(), pages=st.integers(1, 2))
-        def brk(self, data: st.DataObject, pages: int) -> None:
+        def brk(self, data: st.DataObject) -> None:
+            pages = data.draw(st.integers(1, 2), label="pages")
             n = self.pick_live(data)
             assert n
             self.do("brk", n, pages=pages, region=self.s.model.next_region_name())
@@ -145,17 +185,15 @@ def make_machine(session: Session, services: int) -> type[RuleBasedStateMachine]
                 return None
             return n, data.draw(st.sampled_from(self.own_regions(n)), label="region")
 
-        @precondition(lambda self: any(self.own_regions(n) for n in self.live()))
-        @rule(data=st.data(), value=VALUES)
-        def touch(self, data: st.DataObject, value: int) -> None:
+        def touch(self, data: st.DataObject) -> None:
+            value = data.draw(VALUES, label="value")
             got = self.pick_own_region(data)
             assert got
             self.do("touch", got[0], region=got[1].name, value=value)
 
-        @precondition(lambda self: any(self.own_regions(n) for n in self.live()))
-        @rule(data=st.data(),
-              op=st.sampled_from(["munmap", "mprotect", "pkey_mprotect", "mremap", "madvise"]))
-        def change(self, data: st.DataObject, op: str) -> None:
+        def change(self, data: st.DataObject) -> None:
+            op = data.draw(st.sampled_from(["munmap", "mprotect", "pkey_mprotect", "mremap",
+                                            "madvise"]), label="op")
             got = self.pick_own_region(data)
             assert got
             n, r = got
@@ -174,10 +212,10 @@ def make_machine(session: Session, services: int) -> type[RuleBasedStateMachine]
         def any_regions(self) -> list[Region]:
             return sorted(self.s.model.regions.values(), key=lambda r: r.name)
 
-        @precondition(lambda self: bool(self.live()) and bool(self.any_regions()))
-        @rule(data=st.data(), write=st.booleans(), pkru=st.sampled_from(["own", "open"]),
-              value=VALUES)
-        def access(self, data: st.DataObject, write: bool, pkru: str, value: int) -> None:
+        def access(self, data: st.DataObject) -> None:
+            write = data.draw(st.booleans(), label="write")
+            pkru = data.draw(st.sampled_from(["own", "open"]), label="pkru")
+            value = data.draw(VALUES, label="value")
             n = self.pick_live(data)
             assert n
             r = data.draw(st.sampled_from(self.any_regions()), label="region")
@@ -197,11 +235,40 @@ def make_machine(session: Session, services: int) -> type[RuleBasedStateMachine]
                     out += [(s.name, r) for r in self.own_regions(p) if r.prot != "none"]
             return out
 
-        @precondition(lambda self: bool(self.spinnable()))
-        @rule(data=st.data())
         def spin(self, data: st.DataObject) -> None:
             n, r = data.draw(st.sampled_from(self.spinnable()), label="spin")
             self.do("spin", n, region=r.name, page=0)
+
+        # ----- the one rule: a weighted choice among what can be done now ---------------
+        def choices(self) -> list[tuple[str, int]]:
+            live = bool(self.live())
+            regions = any(self.own_regions(n) for n in self.live())
+            table = [
+                ("spawn", 3, len(self.live()) < services),
+                ("enable_default", 3, bool(self.enableable())),
+                ("enable", 2, live),
+                ("request_peer", 4, bool(self.pairable())),
+                ("request", 2, live),
+                ("release", 1, live),
+                ("exit", 1, live),
+                ("exec", 1, live),
+                ("simple", 2, live),
+                ("pkey_free", 1, live),
+                ("mmap", 2, live),
+                ("brk", 1, live),
+                ("touch", 2, regions),
+                ("change", 3, regions),
+                ("access", 4, live and bool(self.any_regions())),
+                ("spin", 3, bool(self.spinnable())),
+                ("cut_off", 4, bool(self.spun())),
+            ]
+            return [(name, w) for name, w, can in table if can]
+
+        @precondition(lambda self: bool(self.choices()))
+        @rule(data=st.data())
+        def act(self, data: st.DataObject) -> None:
+            ops = [name for name, w in self.choices() for _ in range(w)]
+            getattr(self, data.draw(st.sampled_from(ops), label="op"))(data)
 
     return Explore
 

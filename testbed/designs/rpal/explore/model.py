@@ -25,7 +25,7 @@ from testbed.designs.rpal.explore.steps import (
     SEGV_ACCERR,
     SEGV_PKUERR,
     SIGSEGV,
-    Answer,
+    AnswerLike,
     Step,
 )
 
@@ -57,7 +57,7 @@ class Outcome:
     kind: str
     fields: Mapping[str, Any] = field(default_factory=dict)
 
-    def matches(self, a: Answer) -> bool:
+    def matches(self, a: AnswerLike) -> bool:
         if a.kind != self.kind:
             return False
         for k, want in self.fields.items():
@@ -114,7 +114,7 @@ class Expect:
     outcomes: tuple[Outcome, ...] | None  # None: the model cannot know; not judged
     why: str = ""
 
-    def judge(self, a: Answer) -> bool | None:
+    def judge(self, a: AnswerLike) -> bool | None:
         if self.outcomes is None:
             return None
         return any(o.matches(a) for o in self.outcomes)
@@ -445,6 +445,8 @@ class Model:
         if r is None:
             return Prediction(UNKNOWN)
         page = int(step.args.get("page", 0))
+        if not 0 <= page < r.pages:
+            return Prediction(UNKNOWN)
         mode = step.args.get("pkru", "own")
         owner = self.svcs.get(r.owner)
         own = owner is not None and owner.alive and owner.name == a.name \
@@ -471,6 +473,8 @@ class Model:
 
     def _peer_access(self, a: Service, r: Region, page: int, write: bool, mode: str
                      ) -> Prediction:
+        if not 0 <= page < r.pages:
+            return Prediction(UNKNOWN)
         owner = self.svcs.get(r.owner)
         if owner is None or not owner.alive or owner.incarnation != r.incarnation:
             # the owner (that life of it) is dead: its slot must be gone from our tables,
@@ -625,7 +629,7 @@ class Model:
 
     # ----- applying what happened ------------------------------------------------------------
 
-    def apply(self, step: Step, a: Answer, now: float) -> None:
+    def apply(self, step: Step, a: AnswerLike, now: float) -> None:
         """Move the state on after the kernel answered `a` (an accepted or unjudged answer)."""
         fn = getattr(self, f"_a_{step.op}", None)
         if fn is not None:
@@ -635,7 +639,7 @@ class Model:
             if s is not None:
                 self._die(s, now)
 
-    def _register(self, name: str, a: Answer) -> Service | None:
+    def _register(self, name: str, a: AnswerLike) -> Service | None:
         sid, key, pid = a.get_int("id"), a.get_int("key"), a.get_int("pid")
         if sid is None or key is None or pid is None:
             return None
@@ -647,11 +651,11 @@ class Model:
         self.svcs[name] = s
         return s
 
-    def _a_spawn(self, step: Step, a: Answer, now: float) -> None:
+    def _a_spawn(self, step: Step, a: AnswerLike, now: float) -> None:
         if a.kind == "ok":
             self._register(step.svc, a)
 
-    def _a_exec(self, step: Step, a: Answer, now: float) -> None:
+    def _a_exec(self, step: Step, a: AnswerLike, now: float) -> None:
         old = self.svc(step.svc)
         if a.kind != "ok" or old is None:
             return
@@ -660,7 +664,7 @@ class Model:
         if new is not None:
             new.pid = old.pid if a.get_int("pid") is None else new.pid
 
-    def _a_exit(self, step: Step, a: Answer, now: float) -> None:
+    def _a_exit(self, step: Step, a: AnswerLike, now: float) -> None:
         s = self.svc(step.svc)
         if s is not None and a.kind == "ok":
             self._die(s, now)
@@ -692,7 +696,7 @@ class Model:
             self.world.held[s.id] = float("inf")
         self.dead.append(s)
 
-    def _a_enable(self, step: Step, a: Answer, now: float) -> None:
+    def _a_enable(self, step: Step, a: AnswerLike, now: float) -> None:
         s = self.svc(step.svc)
         pkey = a.get_int("pkey")
         if s is None or a.kind != "ok" or pkey is None:
@@ -707,7 +711,7 @@ class Model:
             if s.in_slot(r.addr):
                 r.pkey = pkey
 
-    def _a_request(self, step: Step, a: Answer, now: float) -> None:
+    def _a_request(self, step: Step, a: AnswerLike, now: float) -> None:
         s = self.svc(step.svc)
         if s is None or a.kind != "ok":
             return
@@ -716,7 +720,7 @@ class Model:
         if t is not None:
             s.requests.add(t.name)
 
-    def _a_release(self, step: Step, a: Answer, now: float) -> None:
+    def _a_release(self, step: Step, a: AnswerLike, now: float) -> None:
         s = self.svc(step.svc)
         if s is None or a.kind != "ok":
             return
@@ -731,13 +735,13 @@ class Model:
                     x.spinner = None
         s.requests.discard(t.name)
 
-    def _a_thread(self, step: Step, a: Answer, now: float) -> None:
+    def _a_thread(self, step: Step, a: AnswerLike, now: float) -> None:
         s = self.svc(step.svc)
         tid = a.get_int("tid")
         if s is not None and a.kind == "ok" and tid is not None:
             s.threads[tid] = s.main_pkru  # a new thread inherits its creator's PKRU
 
-    def _a_pkey_alloc(self, step: Step, a: Answer, now: float) -> None:
+    def _a_pkey_alloc(self, step: Step, a: AnswerLike, now: float) -> None:
         s = self.svc(step.svc)
         k = a.get_int("pkey")
         if s is None or a.kind != "ok" or k is None or not 0 <= k <= 15:
@@ -747,12 +751,12 @@ class Model:
         if s.main_pkru is not None:
             s.main_pkru = (s.main_pkru & ~(3 << 2 * k)) | ((rights & 3) << 2 * k)
 
-    def _a_pkey_free(self, step: Step, a: Answer, now: float) -> None:
+    def _a_pkey_free(self, step: Step, a: AnswerLike, now: float) -> None:
         s = self.svc(step.svc)
         if s is not None and a.kind == "ok":
             s.allocated.discard(int(step.args["pkey"]))
 
-    def _a_mmap(self, step: Step, a: Answer, now: float) -> None:
+    def _a_mmap(self, step: Step, a: AnswerLike, now: float) -> None:
         s = self.svc(step.svc)
         addr = a.get_int("addr")
         if s is None or a.kind != "ok" or addr is None:
@@ -762,8 +766,8 @@ class Model:
                          str(step.args.get("prot", "rw")))
 
     def _new_region(self, s: Service, name: str, addr: int, pages: int, prot: str) -> Region:
+        self._nregion += 1
         if not name:
-            self._nregion += 1
             name = f"r{self._nregion}"
         pkey = s.pkey if s.enabled and s.pkey is not None and s.in_slot(addr) else 0
         r = Region(name, s.name, s.incarnation, addr, pages, prot, pkey, [0] * pages)
@@ -776,7 +780,7 @@ class Model:
     def next_region_name(self) -> str:
         return f"r{self._nregion + 1}"
 
-    def _a_brk(self, step: Step, a: Answer, now: float) -> None:
+    def _a_brk(self, step: Step, a: AnswerLike, now: float) -> None:
         s = self.svc(step.svc)
         old, new = a.get_int("old"), a.get_int("new")
         if s is None or a.kind != "ok" or old is None or new is None or new <= old:
@@ -786,17 +790,18 @@ class Model:
             self._new_region(s, str(step.args.get("region") or ""), start,
                              (new - start) // PAGE, "rw")
 
-    def _a_touch(self, step: Step, a: Answer, now: float) -> None:
+    def _a_touch(self, step: Step, a: AnswerLike, now: float) -> None:
         r = self._region(step)
         if r is not None and a.kind == "ok":
             r.values = [int(step.args.get("value", 0))] * r.pages
 
-    def _a_write(self, step: Step, a: Answer, now: float) -> None:
+    def _a_write(self, step: Step, a: AnswerLike, now: float) -> None:
         r = self._region(step)
-        if r is not None and a.kind == "ok":
-            r.values[int(step.args.get("page", 0))] = int(step.args.get("value", 0))
+        page = int(step.args.get("page", 0))
+        if r is not None and a.kind == "ok" and 0 <= page < r.pages:
+            r.values[page] = int(step.args.get("value", 0))
 
-    def _a_munmap(self, step: Step, a: Answer, now: float) -> None:
+    def _a_munmap(self, step: Step, a: AnswerLike, now: float) -> None:
         r = self._own_region(step)
         if r is not None and a.kind == "ok":
             r.alive = False
@@ -807,14 +812,14 @@ class Model:
             if s.spinner is not None and s.spinner[0] == r.name:
                 s.spinner = None
 
-    def _a_mprotect(self, step: Step, a: Answer, now: float) -> None:
+    def _a_mprotect(self, step: Step, a: AnswerLike, now: float) -> None:
         r = self._own_region(step)
         if r is not None and a.kind == "ok":
             r.prot = str(step.args["prot"])
             if r.prot == "none":
                 self._stop_spinners_on(r)
 
-    def _a_pkey_mprotect(self, step: Step, a: Answer, now: float) -> None:
+    def _a_pkey_mprotect(self, step: Step, a: AnswerLike, now: float) -> None:
         r = self._own_region(step)
         if r is not None and a.kind == "ok":
             r.prot = str(step.args["prot"])
@@ -824,7 +829,7 @@ class Model:
             if r.prot == "none":
                 self._stop_spinners_on(r)
 
-    def _a_mremap(self, step: Step, a: Answer, now: float) -> None:
+    def _a_mremap(self, step: Step, a: AnswerLike, now: float) -> None:
         r = self._own_region(step)
         addr = a.get_int("addr")
         if r is None or a.kind != "ok" or addr is None:
@@ -840,19 +845,19 @@ class Model:
             self._stop_spinners_on(r)
         r.addr = addr
 
-    def _a_madvise(self, step: Step, a: Answer, now: float) -> None:
+    def _a_madvise(self, step: Step, a: AnswerLike, now: float) -> None:
         r = self._own_region(step)
         if r is not None and a.kind == "ok" and step.args.get("advice") == "dontneed":
             r.values = [0] * r.pages
             self._stop_spinners_on(r)
 
-    def _a_fork(self, step: Step, a: Answer, now: float) -> None:
+    def _a_fork(self, step: Step, a: AnswerLike, now: float) -> None:
         s = self.svc(step.svc)
         child = a.get_int("child")
         if s is not None and a.kind == "ok" and child is not None:
             s.children.append(child)
 
-    def _a_deadkeys(self, step: Step, a: Answer, now: float) -> None:
+    def _a_deadkeys(self, step: Step, a: AnswerLike, now: float) -> None:
         s = self.svc(step.svc)
         if s is None or a.kind != "ok":
             return
@@ -860,7 +865,7 @@ class Model:
         n = 0 if got in ("none", "") else len(got.split(","))
         del s.deadkeys[:n]
 
-    def _a_spin(self, step: Step, a: Answer, now: float) -> None:
+    def _a_spin(self, step: Step, a: AnswerLike, now: float) -> None:
         s = self.svc(step.svc)
         tid = a.get_int("tid")
         if s is not None and a.kind == "ok" and tid is not None:

@@ -19,13 +19,14 @@ from testbed.check.model import Finding
 from testbed.designs.rpal.explore import oracles
 from testbed.designs.rpal.explore.choices import REFERENCE_CHOICES, Choices
 from testbed.designs.rpal.explore.model import PAGE, Model, Prediction, World
-from testbed.designs.rpal.explore.steps import Agent, Answer, Step
+from testbed.designs.rpal.explore.steps import Agent, AnswerLike, Step
 
 # A spinner read completes after `arm` without proof of a stale translation once: the
 # load may have happened before the flush and its count after. Two after-arm reads are
 # proof (the second one began after the cut-off returned).
 SPIN_PROOF = 2
 SPIN_SETTLE_S = 0.005  # let the spinner run a little after arm before stopping it
+ID_FREE_SLACK_S = 0.25  # how late the delayed work that frees an id may run
 
 
 class StepFailure(AssertionError):
@@ -68,12 +69,14 @@ class Session:
     def __init__(self, agent: Agent, *, snapshotter: oracles.Snapshotter | None = None,
                  console: oracles.ConsoleWatch | None = None,
                  choices: Choices = REFERENCE_CHOICES, clock: Callable[[], float] = time.monotonic,
-                 judge_snapshots: bool = True) -> None:
+                 judge_snapshots: bool = True,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self.agent = agent
         self.snap = snapshotter if judge_snapshots else None
         self.console = console
         self.choices = choices
         self.clock = clock
+        self.sleep = sleep
         self.world = World()
         self.model = Model(choices, self.world)
         self.trace: list[Record] = []
@@ -91,12 +94,27 @@ class Session:
             if a.kind == "ok":
                 self.model._die(s, self.clock())
         self._wait_gone()
+        self._wait_ids_free()
         self.agent.events()
         self.model = Model(self.choices, self.world)
         self.trace = []
         self.last_snap = None
         if self.console is not None:
             self.console.new_lines()
+
+    def _wait_ids_free(self) -> None:
+        """Every sequence starts with the same ids free, so that it runs the same again.
+
+        The kernel frees a dead service's id after its delay; wait until the latest
+        death is past that, with a margin for the delayed work.
+        """
+        if not self.world.held or self.choices.id_free_delay_ms is None:
+            return
+        until = max(self.world.held.values()) + (
+            self.choices.id_delay_tolerance_ms / 1000 + ID_FREE_SLACK_S)
+        left = until - self.clock()
+        if left > 0:
+            self.sleep(left)
 
     def _wait_gone(self) -> None:
         deadline = self.clock() + 5
@@ -115,6 +133,8 @@ class Session:
         out: dict[str, Any] = {"svc": step.svc}
         s = m.svc(step.svc)
         op = step.op
+        if (s is None) != (op == "spawn"):
+            return None  # acting through a service that is not alive, or spawning a live one
         if op in ("request", "release"):
             if s is None:
                 return None
@@ -172,7 +192,7 @@ class Session:
             return None
         return out
 
-    def _call(self, rec: Record, op: str, **args: Any) -> Answer:
+    def _call(self, rec: Record, op: str, **args: Any) -> AnswerLike:
         rec.sent.append(" ".join([op] + [f"{k}={_fmt(k, v)}" for k, v in args.items()]))
         return self.agent.call(op, **args)
 
@@ -187,11 +207,15 @@ class Session:
         m = self.model
         pids = {s.name: s.pid for s in m.live()}
         facts_before = oracles.model_facts(m)
-        now = self.clock()
-        pred = m.predict(step, now)
+        # Predicted on the state before the step, with the time the answer came: an id
+        # the kernel may free by then may be reused. Applied with the time it was sent:
+        # a death is no earlier than that.
+        sent = self.clock()
+        a = self._call(rec, step.op, **args)
+        pred = m.predict(step, self.clock())
         rec.expect = pred.expect.text()
         rec.check = pred.expect.check
-        a = self._call(rec, step.op, **args)
+        now = sent
         rec.answer = a.text()
         if a.kind == "bad":
             raise AgentBroken(f"the agent refused {rec.sent[-1]!r}: {a.text()}")
@@ -248,13 +272,13 @@ class Session:
                     break
                 s.deadkeys.clear()
         for ev in self.agent.events():
-            if ev.kind == "exited" and "child" not in ev.fields:
+            if ev.event == "exited" and "child" not in ev.fields:
                 name = ev.fields.get("svc", "")
-                s = self.model.svc(name)
-                if s is not None and str(s.pid) == ev.fields.get("pid"):
+                gone = self.model.svc(name)
+                if gone is not None and str(gone.pid) == ev.fields.get("pid"):
                     out.append(oracles.finding(
                         "result", False, f"{name} died on its own: {ev.text()}", index, name))
-                    self.model._die(s, self.clock())
+                    self.model._die(gone, self.clock())
         return out
 
     def _judge_spinner(self, cutoff: tuple[str, str], rec: Record, index: int

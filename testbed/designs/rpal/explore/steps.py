@@ -47,6 +47,7 @@ class Answer:
     kind: str
     fields: Mapping[str, str] = field(default_factory=dict)
     line: str = ""
+    event: str = ""  # for an asynchronous event (kind "event"): its name
 
     def get_int(self, key: str) -> int | None:
         v = self.fields.get(key)
@@ -74,12 +75,27 @@ class Answer:
         return self.kind + (f" {rest}" if rest else "")
 
 
+class AnswerLike(Protocol):
+    """An answer as testbed/designs/rpal/agent.py gives it (the explorer reads only this)."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def fields(self) -> Mapping[str, str]: ...
+    @property
+    def event(self) -> str: ...
+    @property
+    def errname(self) -> str | None: ...
+    def get_int(self, key: str) -> int | None: ...
+    def text(self) -> str: ...
+
+
 class Agent(Protocol):
     """What the explorer needs from the guest agent (testbed/designs/rpal/agent.py)."""
 
-    def call(self, op: str, **args: Any) -> Answer: ...
+    def call(self, op: str, **args: Any) -> AnswerLike: ...
 
-    def events(self) -> list[Answer]:
+    def events(self) -> list[AnswerLike]:
         """Asynchronous events (`* stale ...`, `* exited ...`) received since the last call."""
         ...
 

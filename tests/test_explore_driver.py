@@ -1,0 +1,119 @@
+"""The explorer's plumbing with a fake agent: find, shrink, save, replay; determinism."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from explore_fake import Clock, FakeAgent
+
+from testbed.designs.rpal.explore.choices import with_delay
+from testbed.designs.rpal.explore.driver import (
+    ReplayFileError,
+    explore,
+    load_failure,
+    replay,
+    write_failure,
+)
+from testbed.designs.rpal.explore.session import Session
+
+from conftest import run_testbed
+
+
+def session(faults: set[str] | None = None) -> Session:
+    clock = Clock()
+    agent = FakeAgent(faults, clock)
+    s = Session(agent, choices=with_delay(1000), clock=clock, judge_snapshots=False,
+                sleep=clock.sleep)
+    agent.current = lambda: s.trace[-1].step if s.trace else None
+    return s
+
+
+def run(faults: set[str] | None = None, seed: int = 1, examples: int = 30, steps: int = 30):
+    s = session(faults)
+    return s, explore(s, seed=seed, steps=steps, seconds=120, services=4,
+                      max_examples=examples)
+
+
+def test_a_correct_fake_passes() -> None:
+    s, res = run(examples=12)
+    assert res.passed, res.failure and res.failure.message
+    assert res.examples >= 12 and res.steps > 50
+
+
+@pytest.mark.parametrize("fault,check", [
+    ("same_pkey", "keys"),
+    ("id_at_once", "ids"),
+    ("lose_dead_key", "exit"),
+    ("stale_spinner", "tlb_shootdown"),
+])
+def test_planted_fault_is_found_named_and_shrunk(fault: str, check: str) -> None:
+    _, res = run({fault}, examples=200, steps=40)
+    assert res.failure is not None, f"{fault} not found"
+    assert res.failure.check == check, res.failure.message
+    assert len(res.failure.steps) <= 12, [st.text() for st in res.failure.steps]
+    assert res.failure.step_index == len(res.failure.steps) - 1
+
+
+def test_same_seed_same_sequences() -> None:
+    a, _ = run(seed=7, examples=5)
+    b, _ = run(seed=7, examples=5)
+    c, _ = run(seed=8, examples=5)
+    calls = [FakeAgent.__name__]
+    assert isinstance(a.agent, FakeAgent) and isinstance(b.agent, FakeAgent)
+    assert isinstance(c.agent, FakeAgent)
+    calls = a.agent.calls
+    assert calls == b.agent.calls
+    assert calls != c.agent.calls
+
+
+def test_failure_files_and_replay(tmp_path: Path) -> None:
+    _, res = run({"same_pkey"}, examples=200, steps=40)
+    assert res.failure is not None
+    meta = {"seed": 1, "bugs": ["x"], "kernel": "k"}
+    jpath, spath = write_failure(tmp_path, 1, res.failure, meta, ["testbed", "explore"])
+    doc = json.loads(jpath.read_text())
+    assert doc["check"] == "keys" and doc["schema"] == "testbed.explore.failure"
+    script = spath.read_text()
+    assert "request" in script and "--replay" in script and str(jpath) in script
+    steps, m = load_failure(jpath)
+    assert len(steps) == len(res.failure.steps)
+    again = replay(session({"same_pkey"}), steps)
+    assert again is not None and again.check == "keys"
+    assert again.step_index == res.failure.step_index
+    assert replay(session(), steps) is None, "the same sequence passes without the fault"
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("{", "not JSON"),
+    ('{"schema": "other"}', "neither"),
+    ('{"schema": "testbed.explore.failure", "schema_version": 9, "steps": []}',
+     "schema_version"),
+    ('[{"op": "spawn"}]', "step 0"),
+    ('[{"op": "spawn", "svc": "a", "x": [1]}]', "neither a string nor an integer"),
+])
+def test_bad_replay_files(tmp_path: Path, text: str, msg: str) -> None:
+    p = tmp_path / "f.json"
+    p.write_text(text)
+    with pytest.raises(ReplayFileError, match=msg):
+        load_failure(p)
+
+
+def test_cli_replay_of_a_missing_file_is_one_line(tmp_path: Path) -> None:
+    r = run_testbed("explore", "--replay", str(tmp_path / "nope.json"), timeout=60)
+    assert r.returncode == 125
+    assert "nope.json" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--services", "0"], "--services"),
+    (["--services", "17"], "--services"),
+    (["--steps", "0"], "--steps"),
+    (["--time", "-1"], "--time"),
+    (["--bug", "no_such_bug"], "invalid choice"),
+])
+def test_cli_rejects_bad_arguments(args: list[str], msg: str) -> None:
+    r = run_testbed("explore", *args, timeout=60)
+    assert r.returncode != 0
+    assert msg in r.stderr and "Traceback" not in r.stderr
