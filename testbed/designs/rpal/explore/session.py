@@ -84,11 +84,13 @@ class Session:
         self.steps_done = 0
         self.snapshots = 0
         self.seconds_snapshot = 0.0
+        self.seconds_reset = 0.0
 
     # ----- sequences ------------------------------------------------------------------------
 
     def reset(self) -> None:
         """Kill every service of the previous sequence; a fresh model on the same world."""
+        t0 = time.perf_counter()
         for s in self.model.live():
             a = self.agent.call("kill", svc=s.name, sig=9)
             if a.kind == "ok":
@@ -101,6 +103,7 @@ class Session:
         self.last_snap = None
         if self.console is not None:
             self.console.new_lines()
+        self.seconds_reset += time.perf_counter() - t0
 
     def _wait_ids_free(self) -> None:
         """Every sequence starts with the same ids free, so that it runs the same again.

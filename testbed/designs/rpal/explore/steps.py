@@ -10,7 +10,7 @@ into the agent's concrete command (`Agent.call(op, **args)`).
 from __future__ import annotations
 
 import errno as errno_mod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -95,7 +95,7 @@ class Agent(Protocol):
 
     def call(self, op: str, **args: Any) -> AnswerLike: ...
 
-    def events(self) -> list[AnswerLike]:
+    def events(self) -> Sequence[AnswerLike]:
         """Asynchronous events (`* stale ...`, `* exited ...`) received since the last call."""
         ...
 

@@ -1,0 +1,69 @@
+"""The explorer's guest: boot with the agent port, start the agent, snapshot and console."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from testbed.boot.machine import Machine, MachineConfig
+from testbed.designs.rpal.agent import AGENT_PORT, Agent, start_agent
+from testbed.designs.rpal.explore import oracles
+from testbed.designs.rpal.explore.choices import Choices
+from testbed.errors import GuestError
+from testbed.runner import GuestSpec, kernel_append
+from testbed.snapshot.live import LiveSnapshotter
+
+DELAY_PARAM = "/sys/module/rpal/parameters/id_free_delay_ms"
+
+
+class _Snap:
+    """The snapshotter the session uses: a live snapshot of the whole guest per call."""
+
+    def __init__(self, live: LiveSnapshotter) -> None:
+        self.live = live
+
+    def capture(self, name: str = "") -> dict[str, Any]:
+        return self.live.capture(name)
+
+
+@dataclass
+class Rig:
+    machine: Machine
+    agent: Agent
+    snapshotter: oracles.Snapshotter
+    console: oracles.ConsoleWatch
+    hello: str
+
+
+@contextmanager
+def explore_guest(spec: GuestSpec, bugs: tuple[str, ...], run_dir: Path, choices: Choices,
+                  smp: int = 2) -> Iterator[Rig]:
+    cfg = MachineConfig(
+        kernel=spec.kernel, initrd=spec.initrd, accel=spec.accel, smp=smp,
+        mem_mib=spec.mem_mib, paging=spec.paging, pti=spec.pti,
+        append=kernel_append(spec, bugs), boot_timeout=spec.boot_timeout,
+        serial_ports=(AGENT_PORT,),
+    )
+    live: LiveSnapshotter | None = None
+    with Machine(cfg, run_dir) as m:
+        agent = start_agent(m)
+        try:
+            if choices.id_free_delay_ms is not None:
+                res = m.run(f"echo {int(choices.id_free_delay_ms)} > {DELAY_PARAM}",
+                            timeout=30, label="set id_free_delay_ms")
+                if res.status != 0:
+                    raise GuestError(f"cannot set {DELAY_PARAM} in the guest (is this an RPAL "
+                                     "kernel with the reference's knob?); set "
+                                     "id_free_delay_ms=None in the explore choices otherwise",
+                                     run_dir=run_dir)
+            assert m.qmp is not None
+            live = LiveSnapshotter(m.qmp, m.ram_path, spec.kernel)
+            hello = agent.hello.text() if agent.hello else ""
+            yield Rig(m, agent, _Snap(live), oracles.ConsoleWatch(m.console_log), hello)
+        finally:
+            if live is not None:
+                live.close()
+            agent.close()
