@@ -1,0 +1,84 @@
+"""Explore oracles on hand-made snapshot pieces: PKRU per thread, TLB flushes, kernel log."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from testbed.designs.rpal.explore import oracles
+from testbed.designs.rpal.explore.model import UNKNOWN, Model, Prediction, service_pkru
+from testbed.designs.rpal.explore.steps import Answer, Step
+
+
+def model_ab() -> Model:
+    m = Model()
+    for i, n in enumerate("ab"):
+        m.apply(Step("spawn", n), Answer("ok", {"pid": str(100 + i), "id": str(i),
+                                               "key": str(i + 1)}), 0.0)
+        m.apply(Step("enable", n, {"pkey": i}), Answer("ok", {"pkey": str(i)}), 0.0)
+    m.apply(Step("request", "a", {"key_of": "b"}), Answer("ok", {"ret": "0"}), 0.0)
+    m.apply(Step("request", "b", {"key_of": "a"}), Answer("ok", {"ret": "1"}), 0.0)
+    return m
+
+
+def snap(gens: dict[int, int], pkru: dict[int, int]) -> dict[str, Any]:
+    return {
+        "tasks": [{"pid": p, "tgid": p, "pkru": hex(v), "pkru_source": "thread.pkru"}
+                  for p, v in pkru.items()],
+        "mms": [{"address": hex(0x1000 * p), "tasks": [p], "tlb_gen": g, "cpumask": [0]}
+                for p, g in gens.items()],
+        "cpus": [],
+    }
+
+
+def test_pkru_of_every_known_thread() -> None:
+    m = model_ab()
+    good = snap({100: 1, 101: 1}, {100: service_pkru(0), 101: service_pkru(1)})
+    assert all(f.passed for f in oracles.check_pkru_model(good, m, 3))
+    bad = snap({100: 1, 101: 1}, {100: 0, 101: service_pkru(1)})
+    fails = [f for f in oracles.check_pkru_model(bad, m, 3) if not f.passed]
+    assert len(fails) == 1 and fails[0].check == "pkru" and "fully open" in fails[0].message
+    gone = snap({100: 1}, {100: service_pkru(0)})
+    assert any(f.error for f in oracles.check_pkru_model(gone, m, 3))
+
+
+def test_peer_generation_must_follow_the_owner() -> None:
+    m = model_ab()
+    facts = oracles.model_facts(m)
+    pids = {"a": 100, "b": 101}
+    before = snap({100: 5, 101: 7}, {})
+    moved = snap({100: 6, 101: 8}, {})
+    stuck = snap({100: 6, 101: 7}, {})
+    pred = Prediction(UNKNOWN)
+    assert all(f.passed for f in oracles.tlb_step_findings(before, moved, facts, m, pred,
+                                                           pids, 1))
+    bad = [f for f in oracles.tlb_step_findings(before, stuck, facts, m, pred, pids, 1)
+           if not f.passed]
+    assert bad and bad[0].check == "tlb_state"
+
+
+def test_release_must_flush_both_sides() -> None:
+    m = model_ab()
+    facts = oracles.model_facts(m)
+    pred = m.predict(Step("release", "a", {"key_of": "b"}), 0.0)
+    assert pred.flush == {"a", "b"}
+    m.apply(Step("release", "a", {"key_of": "b"}), Answer("ok"), 0.0)
+    before = snap({100: 5, 101: 7}, {})
+    only_a = snap({100: 6, 101: 7}, {})
+    bad = [f for f in oracles.tlb_step_findings(before, only_a, facts, m, pred,
+                                                {"a": 100, "b": 101}, 2) if not f.passed]
+    assert [f.subject for f in bad] == ["b"]
+
+
+def test_console_watch_reports_only_new_bad_lines(tmp_path: Path) -> None:
+    log = tmp_path / "console.log"
+    log.write_text("old WARNING: before we looked\n")
+    w = oracles.ConsoleWatch(log)
+    assert w.findings(0) == []
+    with open(log, "a") as f:
+        f.write("ok line\n[  1.0] BUG: unable to handle page fault\npartial WARN")
+    got = w.findings(1)
+    assert len(got) == 1 and got[0].check == "kernel_log" and "BUG" in got[0].message
+    with open(log, "a") as f:
+        f.write("ING: at mm/rmap.c\n")
+    assert w.findings(2)[0].check == "kernel_log"
