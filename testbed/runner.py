@@ -139,6 +139,10 @@ def run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], parent: P
     result.reproduce = str(write_reproducer(run_dir, sc, spec, bugs))
     snapshots: list[dict[str, Any]] = []
     snapper: LiveSnapshotter | None = None
+    if sc.explore_seconds:
+        from testbed.designs.rpal.explore.scenario import run_explore_scenario
+
+        return run_explore_scenario(sc.explore_seconds, spec, bugs, run_dir, result, t0)
     try:
         machine = Machine(cfg, run_dir)
         if sc.selftest:

@@ -21,6 +21,7 @@ class Scenario:
     checks: tuple[str, ...]  # the checks it exercises (the others have nothing to say there)
     smp: int = 2
     selftest: str | None = None  # a kernel selftest suite to run instead (testbed selftest)
+    explore_seconds: float = 0.0  # a bounded `testbed explore` (fixed seed) instead
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -41,6 +42,11 @@ SCENARIOS: dict[str, Scenario] = {
                  ("tb-rpal_limits",),
                  ("slot_confinement", "slot_copies", "keys", "pkru", "exit", "ids",
                   "peer_limit")),
+        Scenario("explore", "random RPAL operation sequences, judged after every step "
+                 "(testbed explore, fixed seed, about a minute)", (),
+                 ("slot_confinement", "slot_copies", "keys", "pkru", "tlb_state",
+                  "tlb_shootdown", "faults", "isolation", "exit", "ids"),
+                 explore_seconds=60.0),
         Scenario("protection_keys", "the kernel's own protection_keys selftest", (),
                  ("selftest:protection_keys",), selftest="protection_keys"),
     )

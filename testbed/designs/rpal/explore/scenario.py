@@ -1,0 +1,57 @@
+"""The `explore` scenario of `testbed run`: a bounded exploration with a fixed seed."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from testbed.check.model import Finding, ScenarioResult
+from testbed.designs.rpal.explore import driver
+from testbed.designs.rpal.explore.choices import REFERENCE_CHOICES
+from testbed.designs.rpal.explore.guest import explore_guest
+from testbed.designs.rpal.explore.session import AgentBroken, Session
+from testbed.errors import TestbedError
+from testbed.runner import GuestSpec, _testbed_program
+
+SEED = 1
+STEPS = 20
+SERVICES = 4
+
+
+def run_explore_scenario(seconds: float, spec: GuestSpec, bugs: tuple[str, ...],
+                         run_dir: Path, result: ScenarioResult, t0: float) -> ScenarioResult:
+    try:
+        with explore_guest(spec, bugs, run_dir, REFERENCE_CHOICES) as rig:
+            session = Session(rig.agent, snapshotter=rig.snapshotter, console=rig.console)
+            res = driver.explore(session, seed=SEED, steps=STEPS, seconds=seconds,
+                                 services=SERVICES, shrink_seconds=min(120.0, 2 * seconds))
+    except (TestbedError, AgentBroken) as exc:
+        result.error = exc.one_line() if isinstance(exc, TestbedError) else str(exc)
+        result.seconds = round(time.monotonic() - t0, 2)
+        return result
+    if res.failure is None:
+        result.findings.append(Finding(
+            "explore", True, f"{res.steps} judged steps in {res.examples} sequences (seed "
+            f"{SEED}), no check failed", result.scenario))
+    else:
+        f = res.failure
+        cmd = [_testbed_program(), "explore", "--kernel", str(spec.kernel), "--accel",
+               spec.accel.accel, "--paging", str(spec.paging), "--pti", spec.pti]
+        for b in bugs:
+            cmd += ["--bug", b]
+        meta = {"seed": SEED, "bugs": list(bugs), "kernel": str(spec.kernel),
+                "unshrunk_steps": res.unshrunk_steps, "shrink_runs": res.shrink_runs}
+        jpath, spath = driver.write_failure(run_dir, 1, f, meta, cmd)
+        result.reproduce = str(spath)
+        for x in f.findings:
+            if not x.passed or x.error:
+                result.findings.append(Finding(
+                    x.check, x.passed, f"{x.message} [{len(f.steps)}-step sequence in "
+                    f"{jpath.name}]", result.scenario, x.checkpoint, x.subject, x.evidence,
+                    x.error))
+    (run_dir / "explore.json").write_text(json.dumps({
+        "seed": SEED, "examples": res.examples, "steps": res.steps, "seconds": res.seconds,
+        "failure": None if res.failure is None else res.failure.check}, indent=1) + "\n")
+    result.seconds = round(time.monotonic() - t0, 2)
+    return result
