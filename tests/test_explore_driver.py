@@ -26,7 +26,7 @@ def session(faults: set[str] | None = None) -> Session:
     agent = FakeAgent(faults, clock)
     s = Session(agent, choices=with_delay(1000), clock=clock, judge_snapshots=False,
                 sleep=clock.sleep)
-    agent.current = lambda: s.trace[-1].step if s.trace else None
+    agent.current = lambda: s.current_step
     return s
 
 
@@ -47,6 +47,7 @@ def test_a_correct_fake_passes() -> None:
     ("id_at_once", "ids"),
     ("lose_dead_key", "exit"),
     ("stale_spinner", "tlb_shootdown"),
+    ("peer_limit", "peer_limit"),
 ])
 def test_planted_fault_is_found_named_and_shrunk(fault: str, check: str) -> None:
     _, res = run({fault}, examples=200, steps=40)

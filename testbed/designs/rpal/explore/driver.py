@@ -23,7 +23,7 @@ from hypothesis.stateful import get_state_machine_test
 
 from testbed.check.model import Finding
 from testbed.designs.rpal.explore.machine import explore_settings, make_machine
-from testbed.designs.rpal.explore.session import Record, Session, StepFailure
+from testbed.designs.rpal.explore.session import SKIPPED, Record, Session, StepFailure
 from testbed.designs.rpal.explore.steps import Step
 
 FAILURE_SCHEMA = "testbed.explore.failure"
@@ -88,7 +88,7 @@ class _Recorder:
             try:
                 orig(step)
             except StepFailure as exc:
-                trace = [r for r in rec.session.trace if not r.answer.startswith("(skipped")]
+                trace = [r for r in rec.session.trace if r.answer != SKIPPED]
                 rec.seen.append(Failure(exc.check, len(trace) - 1, str(exc),
                                         [r.step for r in trace], trace, exc.findings))
                 raise
@@ -276,7 +276,7 @@ def replay(session: Session, steps: list[Step]) -> Failure | None:
     try:
         session.replay(steps)
     except StepFailure as exc:
-        trace = [r for r in session.trace if not r.answer.startswith("(skipped")]
+        trace = [r for r in session.trace if r.answer != SKIPPED]
         return Failure(exc.check, len(trace) - 1, str(exc), [r.step for r in trace], trace,
                        exc.findings)
     return None

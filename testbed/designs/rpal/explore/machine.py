@@ -239,6 +239,16 @@ def make_machine(session: Session, services: int) -> type[RuleBasedStateMachine]
             n, r = data.draw(st.sampled_from(self.spinnable()), label="spin")
             self.do("spin", n, region=r.name, page=0)
 
+        def crowdable(self) -> list[str]:
+            m = self.s.model
+            return [n for n in self.live() if len(n) == 1 and not m.svc(n + "1")
+                    and not m.svcs[n].requests]
+
+        def crowd(self, data: st.DataObject) -> None:
+            """Fifteen peers requested by one service (a macro step: the peer limit)."""
+            n = data.draw(st.sampled_from(self.crowdable()), label="svc")
+            self.do("crowd", n, n=self.s.choices.max_peers)
+
         # ----- the one rule: a weighted choice among what can be done now ---------------
         def choices(self) -> list[tuple[str, int]]:
             live = bool(self.live())
@@ -261,6 +271,7 @@ def make_machine(session: Session, services: int) -> type[RuleBasedStateMachine]
                 ("access", 4, live and bool(self.any_regions())),
                 ("spin", 3, bool(self.spinnable())),
                 ("cut_off", 4, bool(self.spun())),
+                ("crowd", 1, bool(self.crowdable())),
             ]
             return [(name, w) for name, w, can in table if can]
 

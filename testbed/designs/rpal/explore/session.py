@@ -29,6 +29,10 @@ SPIN_SETTLE_S = 0.005  # let the spinner run a little after arm before stopping 
 ID_FREE_SLACK_S = 0.25  # how late the delayed work that frees an id may run
 
 
+MACROS = ("crowd",)
+SKIPPED = "(skipped: names nothing that exists now)"
+
+
 class StepFailure(AssertionError):
     check = "result"
 
@@ -85,6 +89,7 @@ class Session:
         self.snapshots = 0
         self.seconds_snapshot = 0.0
         self.seconds_reset = 0.0
+        self.current_step: Step | None = None  # the step (of a macro: the sub-step) now
 
     # ----- sequences ------------------------------------------------------------------------
 
@@ -92,6 +97,8 @@ class Session:
         """Kill every service of the previous sequence; a fresh model on the same world."""
         t0 = time.perf_counter()
         for s in self.model.live():
+            for child in s.children:  # fork children are no services: they would linger
+                self.agent.call("childexit", svc=s.name, child=child)
             a = self.agent.call("kill", svc=s.name, sig=9)
             if a.kind == "ok":
                 self.model._die(s, self.clock())
@@ -203,9 +210,42 @@ class Session:
         index = len(self.trace)
         rec = Record(step)
         self.trace.append(rec)
+        if step.op in MACROS:
+            subs = self.expand(step)
+            if subs is None:
+                rec.answer = SKIPPED
+                return
+            for sub in subs:
+                self._run(sub, rec, index)
+            return
+        self._run(step, rec, index)
+
+    def expand(self, step: Step) -> list[Step] | None:
+        """The steps of a macro step, from the model's state now (None: not possible now).
+
+        crowd svc=A n=N: N new services A1..AN, each enabled with a pkey other than
+        A's, each requested by A (the way to A's 15th request, the peer limit).
+        """
+        s = self.model.svc(step.svc)
+        if step.op != "crowd" or s is None:
+            return None
+        n = max(1, min(int(step.args.get("n", self.choices.max_peers)), 15))
+        out = [] if s.enabled else [Step("enable", s.name, {"pkey": -1})]
+        base = s.pkey if s.enabled and s.pkey is not None else s.id % 16
+        for i in range(1, n + 1):
+            name = f"{s.name}{i}"
+            if self.model.svc(name) is not None:
+                return None
+            out += [Step("spawn", name), Step("enable", name, {"pkey": (base + i) % 16}),
+                    Step("request", s.name, {"key_of": name})]
+        return out
+
+    def _run(self, step: Step, rec: Record, index: int) -> None:
+        self.current_step = step
         args = self.resolve(step)
         if args is None:
-            rec.answer = "(skipped: names nothing that exists now)"
+            if rec.step == step:
+                rec.answer = SKIPPED
             return
         m = self.model
         pids = {s.name: s.pid for s in m.live()}
@@ -219,7 +259,7 @@ class Session:
         rec.expect = pred.expect.text()
         rec.check = pred.expect.check
         now = sent
-        rec.answer = a.text()
+        rec.answer = a.text() if rec.step == step else f"{step.text()} -> {a.text()}"
         if a.kind == "bad":
             raise AgentBroken(f"the agent refused {rec.sent[-1]!r}: {a.text()}")
         findings: list[Finding] = []
