@@ -178,7 +178,7 @@ def explore(session: Session, *, seed: int, steps: int, seconds: float, services
             res.failure = _pick(rec.seen, final)
             break
     res.raw_failures = len(rec.seen)
-    if res.failure is not None and shrink and res.failure.steps:
+    if res.failure is not None and shrink and res.failure.steps and not session.broken:
         res.unshrunk_steps = len(res.failure.steps)
         res.failure, res.shrink_runs = shrink_steps(session, res.failure,
                                                     seconds=shrink_seconds)

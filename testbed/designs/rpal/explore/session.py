@@ -20,6 +20,7 @@ from testbed.designs.rpal.explore import oracles
 from testbed.designs.rpal.explore.choices import REFERENCE_CHOICES, Choices
 from testbed.designs.rpal.explore.model import PAGE, Model, Prediction, World
 from testbed.designs.rpal.explore.steps import Agent, AnswerLike, Step
+from testbed.errors import TestbedError
 
 # A spinner read completes after `arm` without proof of a stale translation once: the
 # load may have happened before the flush and its count after. Two after-arm reads are
@@ -89,6 +90,7 @@ class Session:
         self.snapshots = 0
         self.seconds_snapshot = 0.0
         self.seconds_reset = 0.0
+        self.broken = False  # the guest died: no more steps on it
         self.current_step: Step | None = None  # the step (of a macro: the sub-step) now
 
     # ----- sequences ------------------------------------------------------------------------
@@ -204,7 +206,21 @@ class Session:
 
     def _call(self, rec: Record, op: str, **args: Any) -> AnswerLike:
         rec.sent.append(" ".join([op] + [f"{k}={_fmt(k, v)}" for k, v in args.items()]))
-        return self.agent.call(op, **args)
+        try:
+            return self.agent.call(op, **args)
+        except TestbedError as exc:
+            # the agent's channel died: the guest crashed or hung. A kernel that says why
+            # in its log fails kernel_log at this step; otherwise the run cannot go on.
+            self.broken = True
+            lines = self.console.new_lines() if self.console is not None else []
+            bad = [ln for ln in lines if oracles.KERNEL_LOG_PATTERNS.search(ln)]
+            if not bad:
+                raise
+            index = len(self.trace) - 1
+            f = oracles.finding("kernel_log", False,
+                                f"the guest died at {rec.step.text()}: {bad[0].strip()[:200]}",
+                                index, rec.step.svc, lines=bad[:20], agent=exc.one_line())
+            raise failure_type("kernel_log")(index, rec.step, [f]) from None
 
     def execute(self, step: Step) -> None:
         index = len(self.trace)
@@ -272,10 +288,9 @@ class Session:
                 index, step.svc, sent=rec.sent[-1], answer=a.text(),
                 expected=pred.expect.text()))
         m.apply(step, a, now)
-        if not findings:
-            findings += self._after(step, pred, rec, index)
+        findings += self._after(step, pred, rec, index)
         self.steps_done += 1
-        if self.snap is not None and not findings:
+        if self.snap is not None:
             t0 = time.perf_counter()
             snap = self.snap.capture(f"step-{index}")
             self.seconds_snapshot += time.perf_counter() - t0
@@ -287,7 +302,7 @@ class Session:
             self.last_snap = snap
         if self.console is not None:
             findings += self.console.findings(index)
-        bad = [f for f in findings if not f.passed or f.error]
+        bad = sorted((f for f in findings if not f.passed or f.error), key=_rank)
         if bad:
             rec.check = bad[0].check
             raise failure_type(bad[0].check)(index, step, bad)
@@ -350,6 +365,20 @@ class Session:
     def replay(self, steps: list[Step]) -> None:
         for st in steps:
             self.execute(st)
+
+
+# Which finding names a failing step when several checks fail at once: the most direct
+# evidence of the broken invariant first (the kernel's answer, when the model names a
+# specific invariant for it; then what the page tables, keys and PKRU show), the
+# consequences last (a stale read follows from a copy left behind; a WARNING from either).
+_RANK = {"slot_copies": 1, "keys": 1, "pkru": 1, "slot_confinement": 1, "ids": 1,
+         "peer_limit": 1, "faults": 1, "isolation": 1, "exit": 2, "tlb_state": 3,
+         "tlb_shootdown": 4, "result": 5, "kernel_log": 6}
+
+
+def _rank(f: Finding) -> int:
+    answer = "answer" in f.evidence and f.check != "result"
+    return 0 if answer else _RANK.get(f.check, 5)
 
 
 def _fmt(key: str, v: Any) -> str:
