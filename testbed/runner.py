@@ -142,7 +142,8 @@ def run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], parent: P
     if sc.explore_seconds:
         from testbed.designs.rpal.explore.scenario import run_explore_scenario
 
-        return run_explore_scenario(sc.explore_seconds, spec, bugs, run_dir, result, t0)
+        return run_explore_scenario(sc.explore_seconds, sc.checks, spec, bugs, run_dir,
+                                    result, t0)
     try:
         machine = Machine(cfg, run_dir)
         if sc.selftest:

@@ -157,6 +157,7 @@ def cmd_explore(args: argparse.Namespace) -> int:
         "seconds": res.seconds, "snapshots": res.snapshots,
         "snapshot_seconds": res.snapshot_seconds,
         "steps_per_second": round(res.steps / res.seconds, 2) if res.seconds else None,
+        "judged": res.judged,
         "failure": None if failure is None else {
             "check": failure.check, "step": failure.step_index, "message": failure.message,
             "steps": len(failure.steps), "unshrunk_steps": res.unshrunk_steps,
@@ -181,6 +182,9 @@ def _print_summary(s: dict[str, Any], failure: Any) -> None:
     print(f"explore: {s['steps']} judged steps in {s['examples']} sequences, {s['seconds']} s"
           + (f" ({rate} steps/s)" if rate else "")
           + f", seed {s['seed']}, bugs: {', '.join(s['bugs']) or 'none'}")
+    if s.get("judged"):
+        print("explore: judgments passed per check: "
+              + ", ".join(f"{k} {v}" for k, v in s["judged"].items()))
     if failure is None:
         print("explore: PASS (no check failed)")
         return

@@ -66,6 +66,7 @@ class ExploreResult:
     raw_failures: int = 0  # failing sequences hypothesis saw
     unshrunk_steps: int = 0
     shrink_runs: int = 0
+    judged: dict[str, int] = field(default_factory=dict)  # check -> passed judgments
 
     @property
     def passed(self) -> bool:
@@ -186,6 +187,7 @@ def explore(session: Session, *, seed: int, steps: int, seconds: float, services
     res.steps = session.steps_done
     res.seconds = round(time.monotonic() - t0, 2)
     res.snapshots = session.snapshots
+    res.judged = dict(sorted(session.judged.items()))
     res.snapshot_seconds = round(session.seconds_snapshot, 3)
     return res
 

@@ -19,8 +19,9 @@ STEPS = 20
 SERVICES = 4
 
 
-def run_explore_scenario(seconds: float, spec: GuestSpec, bugs: tuple[str, ...],
-                         run_dir: Path, result: ScenarioResult, t0: float) -> ScenarioResult:
+def run_explore_scenario(seconds: float, declared: tuple[str, ...], spec: GuestSpec,
+                         bugs: tuple[str, ...], run_dir: Path, result: ScenarioResult,
+                         t0: float) -> ScenarioResult:
     try:
         with explore_guest(spec, bugs, run_dir, REFERENCE_CHOICES) as rig:
             session = Session(rig.agent, snapshotter=rig.snapshotter, console=rig.console)
@@ -31,9 +32,13 @@ def run_explore_scenario(seconds: float, spec: GuestSpec, bugs: tuple[str, ...],
         result.seconds = round(time.monotonic() - t0, 2)
         return result
     if res.failure is None:
-        result.findings.append(Finding(
-            "explore", True, f"{res.steps} judged steps in {res.examples} sequences (seed "
-            f"{SEED}), no check failed", result.scenario))
+        for check in declared:
+            n = res.judged.get(check, 0)
+            result.findings.append(Finding(
+                check, bool(n), f"{n} judgments passed in {res.steps} steps of "
+                f"{res.examples} sequences (seed {SEED})" if n else
+                f"not exercised in {res.steps} steps of {res.examples} sequences (seed {SEED})",
+                result.scenario, error=not n))
     else:
         f = res.failure
         cmd = [_testbed_program(), "explore", "--kernel", str(spec.kernel), "--accel",
@@ -52,6 +57,7 @@ def run_explore_scenario(seconds: float, spec: GuestSpec, bugs: tuple[str, ...],
                     x.error))
     (run_dir / "explore.json").write_text(json.dumps({
         "seed": SEED, "examples": res.examples, "steps": res.steps, "seconds": res.seconds,
+        "judged": res.judged,
         "failure": None if res.failure is None else res.failure.check}, indent=1) + "\n")
     result.seconds = round(time.monotonic() - t0, 2)
     return result

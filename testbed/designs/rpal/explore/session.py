@@ -11,6 +11,7 @@ to the same check). Both hypothesis and `--replay` drive it the same way.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,6 +92,7 @@ class Session:
         self.seconds_snapshot = 0.0
         self.seconds_reset = 0.0
         self.broken = False  # the guest died: no more steps on it
+        self.judged: Counter[str] = Counter()  # check -> judgments that passed
         self.current_step: Step | None = None  # the step (of a macro: the sub-step) now
 
     # ----- sequences ------------------------------------------------------------------------
@@ -302,6 +304,11 @@ class Session:
             self.last_snap = snap
         if self.console is not None:
             findings += self.console.findings(index)
+        if verdict is True:
+            self.judged[pred.expect.check] += 1
+        for f in findings:
+            if f.passed and not f.error:
+                self.judged[f.check] += 1
         bad = sorted((f for f in findings if not f.passed or f.error), key=_rank)
         if bad:
             rec.check = bad[0].check
