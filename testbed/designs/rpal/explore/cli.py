@@ -136,6 +136,11 @@ def cmd_explore(args: argparse.Namespace) -> int:
                 failure = res.failure
     except AgentBroken as exc:
         raise TestbedError(f"explore: {exc}", run_dir=run_dir) from None
+    except driver.ExplorerBug as exc:
+        (run_dir / "explorer-error.txt").write_text(str(exc))
+        last = str(exc).strip().splitlines()[-1]
+        raise TestbedError(f"explore: internal error of the explorer ({last}); traceback in "
+                           f"{run_dir / 'explorer-error.txt'}", run_dir=run_dir) from None
     timings["explore"] = round(time.monotonic() - t0, 2)
     assert res is not None
     findings: list[Finding] = []

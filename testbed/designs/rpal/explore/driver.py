@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shlex
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,12 +74,17 @@ class ExploreResult:
         return self.failure is None
 
 
+class ExplorerBug(Exception):
+    """The explorer itself failed (a bug of the model or driver), with its traceback."""
+
+
 class _Recorder:
     """Keeps every failing sequence the session raised, to pick the shortest at the end."""
 
     def __init__(self, session: Session) -> None:
         self.session = session
         self.seen: list[Failure] = []
+        self.errors: list[str] = []  # tracebacks of the explorer's own errors
         self.examples = 0
 
     def wrap(self) -> None:
@@ -92,6 +98,9 @@ class _Recorder:
                 trace = [r for r in rec.session.trace if r.answer != SKIPPED]
                 rec.seen.append(Failure(exc.check, len(trace) - 1, str(exc),
                                         [r.step for r in trace], trace, exc.findings))
+                raise
+            except Exception:
+                rec.errors.append(traceback.format_exc())
                 raise
 
         self.session.execute = execute  # type: ignore[method-assign]
@@ -176,6 +185,8 @@ def explore(session: Session, *, seed: int, steps: int, seconds: float, services
         except BaseExceptionGroup as exc:  # several failures at once (should not happen)
             final = exc
         if final is not None:
+            if not rec.seen and rec.errors:
+                raise ExplorerBug(rec.errors[-1])
             res.failure = _pick(rec.seen, final)
             break
     res.raw_failures = len(rec.seen)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +27,28 @@ class _Snap:
         self.live = live
 
     def capture(self, name: str = "") -> dict[str, Any]:
-        return self.live.capture(name)
+        for attempt in range(3):
+            try:
+                return self.live.capture(name)
+            except GuestError as exc:
+                # QEMU 7.2 may refuse `cont` for a moment after the migration that read the
+                # vCPUs reported completion ("Migration is not finalized yet"): the guest is
+                # still paused. Continue it and take the snapshot again.
+                if "not finalized" not in str(exc) or attempt == 2:
+                    raise
+                self._cont()
+        raise AssertionError("unreachable")
+
+    def _cont(self) -> None:
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                self.live.qmp.execute("cont")
+                return
+            except GuestError as exc:
+                if "not finalized" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
 
 
 @dataclass
