@@ -486,6 +486,21 @@ static void do_vmstat(const struct ap_cmd *c, struct ap_ans *a)
 			ap_add(a, "%s=%llu", name, v);
 	}
 	fclose(f);
+	/* /proc/vmstat has no event counters without CONFIG_VM_EVENT_COUNTERS (tinyconfig):
+	 * swap in use and THP pages are the evidence then */
+	{
+		FILE *sw = fopen("/proc/swaps", "r");
+		char line[256];
+		long used = 0, u;
+
+		if (sw) {
+			while (fgets(line, sizeof(line), sw))
+				if (line[0] == '/' && sscanf(line, "%*s %*s %*s %ld", &u) == 1)
+					used += u;
+			fclose(sw);
+		}
+		ap_add(a, "swap_used_kib=%ld", used);
+	}
 }
 
 static int path_ok(const char *p)

@@ -299,7 +299,7 @@ struct spinner {
 	uint32_t pkru;
 	uint64_t value;
 	volatile int stop, started, done, armed, faulted;
-	volatile uint64_t reads, after, stale, changed, last, old;
+	volatile uint64_t reads, after, stale, changed, last, old, first;
 	volatile pid_t tid;
 	struct fault f;
 };
@@ -363,6 +363,8 @@ static void *spin_thread(void *arg)
 		}
 		s->last = v;
 		s->reads = n;
+		if (n == 1)
+			s->first = v;
 		s->started = 1;
 	}
 	g_armed = 0;
@@ -771,6 +773,37 @@ static void handle(const struct ap_cmd *c, struct ap_ans *a)
 		ap_begin(a, seq, "ok");
 		ap_add(a, "old=0x%llx new=0x%llx", (unsigned long long)oldb,
 		       (unsigned long long)newb);
+	} else if (!strcmp(op, "pagemap") && ap_get(c, "pages")) {
+		int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+		uint64_t pages, e, i;
+		char buf[3200];
+		size_t m = 0;
+
+		REQ(ap_u64(c, "addr", 0, &addr), "arg");
+		REQ(ap_u64(c, "pages", 0, &pages), "arg");
+		if (fd < 0) {
+			ap_err(a, seq, errno);
+			return;
+		}
+		if (pages < 1 || pages > 256) {
+			close(fd);
+			ap_bad(a, seq, "arg");
+			return;
+		}
+		buf[0] = 0;
+		for (i = 0; i < pages; i++) {
+			e = 0;
+			if (pread(fd, &e, 8, (off_t)(addr / 4096 + i) * 8) != 8)
+				e = 0;
+			/* pfn in hex, s = swap entry, - = none */
+			m += (size_t)snprintf(buf + m, sizeof(buf) - m, i ? ",%s%llx" : "%s%llx",
+					      (e >> 63) & 1 ? "" : (e >> 62) & 1 ? "s" : "-",
+					      (e >> 63) & 1 ? (unsigned long long)(e & ((1ULL << 55) - 1))
+							    : 0ULL);
+		}
+		close(fd);
+		ap_begin(a, seq, "ok");
+		ap_add(a, "pfns=%s", buf);
 	} else if (!strcmp(op, "pagemap")) {
 		int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
 		uint64_t e = 0, kf = 0;
@@ -1081,7 +1114,7 @@ static void handle(const struct ap_cmd *c, struct ap_ans *a)
 			return;
 		}
 		ap_begin(a, seq, "ok");
-		ap_add(a, "tid=%d first=0x%llx", (int)spin.tid, (unsigned long long)spin.last);
+		ap_add(a, "tid=%d first=0x%llx", (int)spin.tid, (unsigned long long)spin.first);
 	} else if (!strcmp(op, "arm")) {
 		uint64_t old;
 
@@ -1089,7 +1122,7 @@ static void handle(const struct ap_cmd *c, struct ap_ans *a)
 			ap_bad(a, seq, "no_spinner");
 			return;
 		}
-		NEED(ap_u64(c, "old", spin.last, &old), "arg");
+		NEED(ap_u64(c, "old", spin.first, &old), "arg");
 		spin.old = old;
 		__atomic_store_n(&spin.armed, 1, __ATOMIC_RELEASE);
 		ap_begin(a, seq, "ok");

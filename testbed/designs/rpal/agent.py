@@ -34,7 +34,7 @@ DEFAULT_OP_TIMEOUT_MS = 10_000  # the agent's deadline for a service op
 HOST_MARGIN_S = 10.0  # host-side wait beyond the agent's own deadline
 
 _NAME = re.compile(r"[a-z0-9_]{1,32}")
-_VALUE = re.compile(r"[A-Za-z0-9_.,:/+-]{1,512}")
+_VALUE = re.compile(r"[A-Za-z0-9_.,:/+-]{1,4000}")
 _SEQ = re.compile(r"[0-9]{1,19}")
 _INT = re.compile(r"-?(0x[0-9a-fA-F]{1,16}|[0-9]{1,20})")
 
