@@ -16,6 +16,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -639,14 +640,14 @@ static void handle_line(char *line)
 static void usage(void)
 {
 	fprintf(stderr, "usage: tb-rpal_agent [--daemon] [--stdio] [--port NAME] [--svc PATH]"
-		" [--no-swap]\n");
+		" [--no-swap] [--cpu N|-1]\n");
 	exit(2);
 }
 
 int main(int argc, char **argv)
 {
 	const char *port = AGENT_PORT;
-	int daemon_ = 0, stdio_ = 0, swap = 1, i;
+	int daemon_ = 0, stdio_ = 0, swap = 1, agent_cpu = 0, i;
 	struct ap_reader rd;
 	sigset_t chld;
 	char dev[300];
@@ -662,6 +663,8 @@ int main(int argc, char **argv)
 			port = argv[++i];
 		else if (!strcmp(argv[i], "--svc") && i + 1 < argc)
 			svc_path = argv[++i];
+		else if (!strcmp(argv[i], "--cpu") && i + 1 < argc)
+			agent_cpu = atoi(argv[++i]);	/* -1: not pinned */
 		else
 			usage();
 	}
@@ -704,6 +707,16 @@ int main(int argc, char **argv)
 		dup2(devnull, 2);
 	}
 	signal(SIGPIPE, SIG_IGN);
+	if (agent_cpu >= 0) {
+		/* keep the agent off the spinners' CPU: a context switch there to another
+		 * mm reloads CR3 (no PCID under TCG) and flushes the very TLB entries a
+		 * spinner is there to catch */
+		cpu_set_t set;
+
+		CPU_ZERO(&set);
+		CPU_SET(agent_cpu, &set);
+		sched_setaffinity(0, sizeof(set), &set);
+	}
 	prctl(PR_SET_CHILD_SUBREAPER, 1);	/* orphaned fork children come back to us */
 	sigemptyset(&chld);
 	sigaddset(&chld, SIGCHLD);

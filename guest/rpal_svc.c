@@ -299,7 +299,7 @@ struct spinner {
 	uint32_t pkru;
 	uint64_t value;
 	volatile int stop, started, done, armed, faulted;
-	volatile uint64_t reads, after, stale, changed, last, old, first;
+	volatile uint64_t reads, after, stale, changed, last, old, first, early;
 	volatile pid_t tid;
 	struct fault f;
 };
@@ -351,6 +351,8 @@ static void *spin_thread(void *arg)
 			v = *s->addr;
 		}
 		n++;
+		if (n == 1)
+			s->first = v;
 		if (armed) {
 			after++;
 			if (v == s->old)
@@ -361,10 +363,10 @@ static void *spin_thread(void *arg)
 			s->stale = stale;
 			s->changed = changed;
 		}
+		else if (v != s->first && !s->mode_write)
+			s->early++;	/* before arm, not what it read first */
 		s->last = v;
 		s->reads = n;
-		if (n == 1)
-			s->first = v;
 		s->started = 1;
 	}
 	g_armed = 0;
@@ -1144,10 +1146,10 @@ static void handle(const struct ap_cmd *c, struct ap_ans *a)
 			spin.running = 0;
 		}
 		ap_begin(a, seq, "ok");
-		ap_add(a, "reads=%llu after=%llu stale=%llu changed=%llu last=0x%llx faulted=%d",
-		       (unsigned long long)spin.reads, (unsigned long long)spin.after,
+		ap_add(a, "reads=%llu after=%llu stale=%llu changed=%llu early=%llu last=0x%llx "
+		       "faulted=%d", (unsigned long long)spin.reads, (unsigned long long)spin.after,
 		       (unsigned long long)spin.stale, (unsigned long long)spin.changed,
-		       (unsigned long long)spin.last, spin.faulted);
+		       (unsigned long long)spin.early, (unsigned long long)spin.last, spin.faulted);
 		if (spin.faulted)
 			ap_add(a, "sig=%d code=%d pkey=%d addr=0x%llx", spin.f.sig, spin.f.code,
 			       spin.f.pkey, (unsigned long long)spin.f.addr);
