@@ -14,12 +14,23 @@ from testbed.boot.commands import terminate_on_signals
 from testbed.boot.kernelimage import inspect_kernel, resolve_kernel
 from testbed.boot.machine import resolve_accel
 from testbed.build.initramfs import ImageSpec, build_image
+from testbed.check.kernel_log import CHECK as KERNEL_LOG
 from testbed.check.model import ScenarioResult
 from testbed.check.rpal import CHECKS
-from testbed.errors import TestbedError
+from testbed.errors import TestbedError, UsageError
 from testbed.progress import Progress
 from testbed.report.common import RunMeta
-from testbed.runner import GuestSpec, default_parallel, run_all
+from testbed.runner import (
+    DEFAULT_MODES,
+    MODES,
+    GuestSpec,
+    Mode,
+    check_append,
+    default_parallel,
+    expand_modes,
+    parse_modes,
+    run_all,
+)
 from testbed.scenarios import BUGS, SCENARIOS, select
 
 DEFAULT_SERIES = "rpal-ref"
@@ -40,21 +51,44 @@ def guest_spec(args: argparse.Namespace) -> tuple[GuestSpec, dict[str, float]]:
     t0 = time.monotonic()
     image = build_image(ImageSpec(kernel=info))
     timings["image"] = round(time.monotonic() - t0, 2)
-    accel = resolve_accel(args.accel, args.paging, kernel, image.path)
+    modes = run_modes(args)
+    accel = resolve_accel(args.accel, modes[0].paging, kernel, image.path)
     print(f"testbed: {accel.describe()}", file=sys.stderr)
-    spec = GuestSpec(kernel=kernel, initrd=image.path, accel=accel, paging=args.paging,
-                     pti=args.pti, append=args.append)
+    spec = GuestSpec(kernel=kernel, initrd=image.path, accel=accel, paging=modes[0].paging,
+                     pti=modes[0].pti, append=args.append)
     return spec, timings
 
 
+def run_modes(args: argparse.Namespace) -> tuple[Mode, ...]:
+    """--paging/--pti name one mode; otherwise --modes (default: l5 and l4pti)."""
+    if args.paging is not None or args.pti is not None:
+        if args.modes is not None:
+            raise UsageError("--modes and --paging/--pti exclude each other: use one")
+        paging = args.paging or 5
+        pti = args.pti or "auto"
+        known = next((m for m in MODES.values() if (m.paging, m.pti) == (paging, pti)), None)
+        return (known or Mode(f"l{paging}-pti{pti}", paging, pti),)
+    return parse_modes(",".join(DEFAULT_MODES) if args.modes is None else args.modes)
+
+
+def check_usage(args: argparse.Namespace) -> None:
+    """Option values checked before anything is built or booted."""
+    check_append(args.append)
+    run_modes(args)
+    if getattr(args, "repeat", 1) < 1:
+        raise UsageError(f"--repeat {args.repeat}: must be 1 or more")
+    if args.parallel < 1:
+        raise UsageError(f"--parallel {args.parallel}: must be 1 or more")
+
+
 def _meta(spec: GuestSpec, bugs: tuple[str, ...], started: float, timings: dict[str, float],
-          results: list[ScenarioResult]) -> RunMeta:
+          results: list[ScenarioResult], modes: tuple[Mode, ...]) -> RunMeta:
     osrel = next((s["kernel"]["osrelease"] for r in results for s in r.snapshots.values()), "")
     return RunMeta(
         kernel=str(spec.kernel), osrelease=osrel, bugs=bugs, accel=spec.accel.describe(),
         started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         seconds=round(time.time() - started, 1), timings=timings,
-        extra={"paging": spec.paging, "pti": spec.pti},
+        extra={"modes": [m.name for m in modes], "append": spec.append},
     )
 
 
@@ -66,7 +100,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     terminate_on_signals()
     started = time.time()
+    check_usage(args)
     scenarios = select(args.scenario)
+    modes = run_modes(args)
     bugs = tuple(args.bug or ())
     unknown = [b for b in bugs if b not in BUGS]
     if unknown:
@@ -75,12 +111,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     parent = args.run_dir or paths.new_run_dir("run")
     parent.mkdir(parents=True, exist_ok=True)
     prog = Progress("run")
-    prog.update(f"{len(scenarios)} scenario(s) on {args.parallel} guest(s) at a time", force=True)
+    jobs = [(sc, bugs, mode) for sc, mode in expand_modes(scenarios, modes)]
+    prog.update(f"{len(jobs)} scenario run(s) ({', '.join(m.name for m in modes)}) on "
+                f"{args.parallel} guest(s) at a time", force=True)
     t0 = time.monotonic()
-    results = run_all([(sc, bugs) for sc in scenarios], spec, parent, args.parallel)
+    results = run_all(jobs, spec, parent, args.parallel)
     timings["scenarios"] = round(time.monotonic() - t0, 2)
     prog.done()
-    meta = _meta(spec, bugs, started, timings, results)
+    meta = _meta(spec, bugs, started, timings, results, modes)
     print_summary(results, meta)
     outputs = {"junit": args.junit, "json": args.json, "html": args.html}
     for kind, path in outputs.items():
@@ -90,6 +128,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{kind}: {path}")
     print(f"run folder: {parent}")
     return 0 if all(r.passed for r in results) else 1
+
+
+ALL_CHECKS = {**CHECKS, KERNEL_LOG.name: KERNEL_LOG}
 
 
 def matrix_rows(per_bug: dict[str, list[list[ScenarioResult]]], checks: list[str],
@@ -106,7 +147,7 @@ def matrix_rows(per_bug: dict[str, list[list[ScenarioResult]]], checks: list[str
         cells = {}
         for c in checks:
             n = sum(c in f for f in failed)
-            named = "*" if bug and bug in CHECKS[c].bugs else ""
+            named = "*" if bug and bug in ALL_CHECKS[c].bugs else ""
             cells[c] = (f"FAIL{named}" if n == len(reps) else f"FAIL {n}/{len(reps)}{named}"
                         if n else ("-" + named if named else "-"))
         other = sorted(set().union(*failed) - set(checks))
@@ -116,7 +157,7 @@ def matrix_rows(per_bug: dict[str, list[list[ScenarioResult]]], checks: list[str
             if bad:
                 problems.append(f"the correct kernel failed {', '.join(bad)}")
         else:
-            caught = all(any(c in f and bug in CHECKS[c].bugs for c in checks) for f in failed)
+            caught = all(any(c in f and bug in ALL_CHECKS[c].bugs for c in checks) for f in failed)
             if caught:
                 verdict = "caught"
             elif every_bug_must_show:
@@ -135,12 +176,16 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 
     terminate_on_signals()
     started = time.time()
+    check_usage(args)
     scenarios = select(args.scenario)
+    modes = run_modes(args)
     bugs = [""] + list(args.bug or BUGS)
     spec, timings = guest_spec(args)
     parent = args.run_dir or paths.new_run_dir("matrix")
     parent.mkdir(parents=True, exist_ok=True)
-    jobs = [(sc, (b,) if b else ()) for _ in range(args.repeat) for b in bugs for sc in scenarios]
+    runs = expand_modes(scenarios, modes)
+    jobs = [(sc, (b,) if b else (), mode) for _ in range(args.repeat) for b in bugs
+            for sc, mode in runs]
     prog = Progress("matrix")
     prog.update(f"{len(jobs)} guests, {args.parallel} at a time", force=True)
     results = run_all(jobs, spec, parent, args.parallel)
@@ -149,9 +194,9 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     i = 0
     for _ in range(args.repeat):
         for b in bugs:
-            per_bug[b].append(results[i:i + len(scenarios)])
-            i += len(scenarios)
-    checks = list(CHECKS)
+            per_bug[b].append(results[i:i + len(runs)])
+            i += len(runs)
+    checks = [*CHECKS, KERNEL_LOG.name]
     # every bug must show when all scenarios ran, or when the bugs were chosen by name
     must_show = bool(args.bug) or len(scenarios) == len(SCENARIOS)
     rows, problems = matrix_rows(per_bug, checks, every_bug_must_show=must_show)
@@ -162,7 +207,8 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     sys.stdout.write(text)
     doc = {
         "schema": "testbed.matrix", "schema_version": 1, "repeat": args.repeat,
-        "scenarios": [s.name for s in scenarios], "checks": checks, "rows": rows,
+        "scenarios": [s.name for s in scenarios], "modes": [m.name for m in modes],
+        "checks": checks, "rows": rows,
         "problems": problems, "seconds": round(time.time() - started, 1),
         "runs": [{"scenario": r.scenario, "bugs": list(r.bugs), "run_dir": r.run_dir,
                   "failed_checks": sorted(r.failed_checks()), "error": r.error} for r in results],
@@ -180,8 +226,13 @@ def _common(p: argparse.ArgumentParser) -> None:
                         f"key (default: the "
                         f"{DEFAULT_SERIES} reference kernel, built or from the cache)")
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
-    p.add_argument("--paging", type=int, choices=(4, 5), default=5)
-    p.add_argument("--pti", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--modes", metavar="M,M",
+                   help=f"paging modes to run the scenarios in, of {', '.join(MODES)} "
+                        f"(l5: 5-level paging, PTI off; l4pti: 4-level, PTI on; default "
+                        f"{','.join(DEFAULT_MODES)}); the selftest runs in the first only")
+    p.add_argument("--paging", type=int, choices=(4, 5), default=None,
+                   help="run in this one paging mode (with --pti; default: --modes)")
+    p.add_argument("--pti", choices=("auto", "on", "off"), default=None)
     p.add_argument("--append", default="", help="extra kernel command line")
     p.add_argument("--parallel", type=int, default=default_parallel(), metavar="N",
                    help="guests at a time (default: host CPUs / 2, at most 4)")
