@@ -89,3 +89,40 @@ def test_agent_pairs_reads_the_peer_sees_the_cutoff_and_swaps(agent: Agent):
     assert ag.call("deadkeys", svc="a").int_list("keys") == []
     assert ag.call("exit", svc="b").ok
     assert ag.call("deadkeys", svc="a").int_list("keys") == [sb.need_int("key")]
+
+
+def test_agent_witnesses_of_dontneed_and_fork_cow_hold_on_the_correct_kernel(agent: Agent):
+    """DONTNEED: the peer's spinner reads the fresh zero page, never the old value after
+    the cut. Fork: the owner's pages are write-protected for COW; a peer that keeps
+    writing must not write into the page the child now shares (its copy stays frozen)."""
+    ag = agent
+    sa, sb = ag.call("spawn", svc="a"), ag.call("spawn", svc="b")
+    pa = ag.call("enable", svc="a").need_int("pkey")
+    pb = ag.call("enable", svc="b").need_int("pkey")
+    assert ag.call("request", svc="a", key=sb.need_int("key")).ok
+    assert ag.call("request", svc="b", key=sa.need_int("key")).need_int("ret") == 1
+    union = hex(pkru_for(pa) & pkru_for(pb))
+    r = ag.call("mmap", svc="b", len=2 * 4096, populate=1).need_int("addr")
+    assert ag.call("touch", svc="b", addr=r, len=2 * 4096, value=0x77).ok
+
+    assert ag.call("spin", svc="a", addr=r, pkru=union).need_int("first") == 0x77
+    assert ag.call("madvise", svc="b", addr=r, len=4096, advice="dontneed").ok
+    assert ag.call("arm", svc="a").need_int("old") == 0x77
+    time.sleep(0.2)
+    stop = ag.call("spinstop", svc="a")
+    assert stop.need_int("faulted") == 0 and stop.need_int("after") > 0, stop.text()
+    assert stop.need_int("stale") == 0 and stop.need_int("last") == 0, stop.text()
+
+    page = r + 4096
+    assert ag.call("spin", svc="a", addr=page, pkru=union, mode="write", value=1 << 32).ok
+    time.sleep(0.2)
+    child = ag.call("fork", svc="b").need_int("child")
+    assert ag.call("arm", svc="a").ok
+    seen = [ag.call("childread", svc="b", child=child, addr=page).need_int("value")
+            for _ in range(3)]
+    stop = ag.call("spinstop", svc="a")
+    assert stop.need_int("after") > 0 and stop.need_int("faulted") == 0, stop.text()
+    assert len(set(seen)) == 1, f"the peer wrote into the fork child's page: {seen}"
+    # the peer's writes went to b's own (new) copy
+    assert ag.call("read", svc="b", addr=page).need_int("value") == stop.need_int("last")
+    assert ag.call("childexit", svc="b", child=child).need_int("status") == 0
