@@ -704,7 +704,20 @@ static void handle(const struct ap_cmd *c, struct ap_ans *a)
 		   !strcmp(op, "pkey_mprotect") || !strcmp(op, "madvise")) {
 		REQ(ap_u64(c, "addr", 0, &addr), "arg");
 		REQ(ap_u64(c, "len", 0, &len), "arg");
-		if (!strcmp(op, "munmap")) {
+		if (!strcmp(op, "munmap") && ap_get(c, "stride")) {
+			/* one page every stride bytes of [addr, addr+len): holes that fragment
+			 * free memory (compaction needs small free blocks to migrate into) */
+			uint64_t stride, off;
+
+			REQ(ap_u64(c, "stride", 0, &stride), "arg");
+			if (stride < 4096 || (stride & 4095)) {
+				ap_bad(a, seq, "arg");
+				return;
+			}
+			r = 0;
+			for (off = 0; off < len && r == 0; off += stride)
+				r = munmap((void *)(uintptr_t)(addr + off), 4096);
+		} else if (!strcmp(op, "munmap")) {
 			r = munmap((void *)(uintptr_t)addr, len);
 		} else if (!strcmp(op, "madvise")) {
 			const char *adv = ap_get(c, "advice");
