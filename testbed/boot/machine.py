@@ -187,13 +187,13 @@ class Machine:
 
     def start(self) -> None:
         t0 = time.monotonic()
-        self.kernel_info = inspect_kernel(self.cfg.kernel)
-        if not self.cfg.initrd.is_file():
-            raise self._fail(TestbedError, f"initrd {self.cfg.initrd} does not exist")
         for name in self.cfg.serial_ports:
             if not _PORT_NAME.fullmatch(name) or len(name) > 64:
                 raise self._fail(TestbedError, f"serial port name {name!r} is not usable "
                                  "(letters, digits, '.', '_', '-'; at most 64)")
+        self.kernel_info = inspect_kernel(self.cfg.kernel)
+        if not self.cfg.initrd.is_file():
+            raise self._fail(TestbedError, f"initrd {self.cfg.initrd} does not exist")
         sweep_stale_ram_files()
         overlay = []
         if self.cfg.ssh:
