@@ -22,7 +22,7 @@ class Choices:
     keys_consecutive: bool = True  # ref: each registration takes the next key (1, 2, 3...)
     # ref: /sys/module/rpal/parameters/id_free_delay_ms (spec: "about 30 s"); the explorer
     # sets it to this at start; None = the kernel has no such knob (ids then never reused).
-    id_free_delay_ms: int | None = 1000
+    id_free_delay_ms: int | None = 600
     # a dead id may be reused from (exit sent + delay - tolerance) on; never before
     id_delay_tolerance_ms: int = 150
     # --- errno of each refusal (ref README, ABI table) ---------------------------------------

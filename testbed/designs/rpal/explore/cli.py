@@ -19,7 +19,7 @@ from testbed import paths
 from testbed.errors import TestbedError
 
 DEFAULT_SEED = 1
-DEFAULT_STEPS = 20
+DEFAULT_STEPS = 40
 DEFAULT_TIME = 120.0
 DEFAULT_SERVICES = 4
 
@@ -160,7 +160,7 @@ def cmd_explore(args: argparse.Namespace) -> int:
         "schema": "testbed.explore", "schema_version": 1, **meta,
         "passed": failure is None, "examples": res.examples, "steps": res.steps,
         "seconds": res.seconds, "snapshots": res.snapshots,
-        "snapshot_seconds": res.snapshot_seconds,
+        "snapshot_seconds": res.snapshot_seconds, "reset_seconds": res.reset_seconds,
         "steps_per_second": round(res.steps / res.seconds, 2) if res.seconds else None,
         "judged": res.judged,
         "failure": None if failure is None else {

@@ -64,6 +64,7 @@ class ExploreResult:
     failure_files: list[Path] = field(default_factory=list)
     snapshots: int = 0
     snapshot_seconds: float = 0.0
+    reset_seconds: float = 0.0
     raw_failures: int = 0  # failing sequences hypothesis saw
     unshrunk_steps: int = 0
     shrink_runs: int = 0
@@ -124,6 +125,12 @@ def shrink_steps(session: Session, failure: Failure, *, seconds: float = 120.0,
     t0 = time.monotonic()
     best = failure
     runs = 0
+    again = replay(session, failure.steps)  # from the same start as every candidate
+    runs += 1
+    if again is None or again.check != failure.check:
+        failure.flaky = True
+        return failure, runs
+    best = again
 
     def fails(cand: list[Step]) -> Failure | None:
         nonlocal runs
@@ -200,6 +207,7 @@ def explore(session: Session, *, seed: int, steps: int, seconds: float, services
     res.snapshots = session.snapshots
     res.judged = dict(sorted(session.judged.items()))
     res.snapshot_seconds = round(session.seconds_snapshot, 3)
+    res.reset_seconds = round(session.seconds_reset, 3)
     return res
 
 

@@ -14,13 +14,16 @@ from typing import Any
 
 from hypothesis import HealthCheck, Phase, Verbosity, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
 from testbed.designs.rpal.explore.model import Region
 from testbed.designs.rpal.explore.session import Session
 from testbed.designs.rpal.explore.steps import Step
 
 NAMES = "abcdefghijklmnop"
+SWARM = ("spawn", "enable_default", "enable", "request_peer", "request", "release", "exit",
+         "exec", "simple", "pkey_free", "mmap", "brk", "touch", "change", "access", "spin",
+         "cut_off", "crowd", "pair")
 VALUES = st.sampled_from([0x1111, 0x2222, 0xdead0001, 0xfeedface00000001])
 
 
@@ -33,6 +36,7 @@ def make_machine(session: Session, services: int) -> type[RuleBasedStateMachine]
             super().__init__()
             session.reset()
             self.s = session
+            self.factor: dict[str, int] = {}
 
         # ----- helpers --------------------------------------------------------------------
         def do(self, op: str, svc: str, **args: Any) -> None:
@@ -117,15 +121,25 @@ def make_machine(session: Session, services: int) -> type[RuleBasedStateMachine]
                 self.do("exit", owner)
 
         def _target(self, data: st.DataObject, n: str) -> dict[str, Any]:
+            """A key to request or release: one of each way the kernel can answer."""
             m = self.s.model
-            others = sorted({x for x in m.svcs if x != n})
-            kinds = ["peer"] * 6 + ["own", "bogus"] if others else ["own", "bogus"]
-            kind = data.draw(st.sampled_from(kinds), label="target")
-            if kind == "peer":
-                return {"key_of": data.draw(st.sampled_from(others), label="peer")}
+            me = m.svcs[n]
+            live = [x for x in m.live() if x.name != n]
+            kinds: dict[str, list[str]] = {
+                "same pkey": [x.name for x in live if me.enabled and x.enabled
+                              and x.pkey == me.pkey],
+                "not enabled": [x.name for x in live if not x.enabled],
+                "requested": sorted(me.requests),
+                "dead": sorted(x for x, s in m.svcs.items() if not s.alive),
+                "any": sorted(x for x in m.svcs if x != n),
+            }
+            choices = [k for k, v in kinds.items() if v] + ["own", "bogus"]
+            kind = data.draw(st.sampled_from(choices), label="target")
             if kind == "own":
                 return {"key": "own"}
-            return {"key": data.draw(st.sampled_from([0, 0xFFFFFFFFFFFFFFFF, 999999]))}
+            if kind == "bogus":
+                return {"key": data.draw(st.sampled_from([0, 0xFFFFFFFFFFFFFFFF, 999999]))}
+            return {"key_of": data.draw(st.sampled_from(kinds[kind]), label="peer")}
 
         def request(self, data: st.DataObject) -> None:
             n = self.pick_live(data)
@@ -239,6 +253,20 @@ def make_machine(session: Session, services: int) -> type[RuleBasedStateMachine]
             n, r = data.draw(st.sampled_from(self.spinnable()), label="spin")
             self.do("spin", n, region=r.name, page=0)
 
+        def pair(self, data: st.DataObject) -> None:
+            """Two services mapped both ways (a macro step: spawn, enable, request as needed)."""
+            m = self.s.model
+            cands = [(x, y) for x in names for y in names if x < y and not m.paired(x, y)
+                     and sum(1 for n in (x, y) if m.svc(n) is None) + len(self.live())
+                     <= services]
+            if not cands:
+                return
+            a, b = data.draw(st.sampled_from(cands), label="pair")
+            if data.draw(st.sampled_from([False, False, False, True]), label="same pkey"):
+                self.do("pair", a, peer=b, same=1)
+            else:
+                self.do("pair", a, peer=b)
+
         def crowdable(self) -> list[str]:
             m = self.s.model
             return [n for n in self.live() if len(n) == 1 and not m.svc(n + "1")
@@ -272,8 +300,20 @@ def make_machine(session: Session, services: int) -> type[RuleBasedStateMachine]
                 ("spin", 3, bool(self.spinnable())),
                 ("cut_off", 4, bool(self.spun())),
                 ("crowd", 1, bool(self.crowdable())),
+                ("pair", 3, True),
             ]
-            return [(name, w) for name, w, can in table if can]
+            return [(name, w * self.factor.get(name, 1)) for name, w, can in table
+                    if can and self.factor.get(name, 1)]
+
+        @initialize(data=st.data())
+        def swarm(self, data: st.DataObject) -> None:
+            """Swarm testing: each sequence favours some operations and leaves others out,
+            which reaches deep states of a few kinds far more often than uniform choice."""
+            for op in SWARM:
+                core = op in ("spawn", "enable_default", "request_peer")
+                self.factor[op] = data.draw(st.sampled_from(
+                    [1, 3] if core else [0, 0, 0, 1] if op == "crowd" else [1, 3, 0]),
+                    label=f"swarm {op}")
 
         @precondition(lambda self: bool(self.choices()))
         @rule(data=st.data())

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,10 +28,10 @@ from testbed.errors import TestbedError
 # proof (the second one began after the cut-off returned).
 SPIN_PROOF = 2
 SPIN_SETTLE_S = 0.005  # let the spinner run a little after arm before stopping it
-ID_FREE_SLACK_S = 0.25  # how late the delayed work that frees an id may run
+ID_FREE_SLACK_S = 0.1  # how late the delayed work that frees an id may run
 
 
-MACROS = ("crowd",)
+MACROS = ("crowd", "pair")
 SKIPPED = "(skipped: names nothing that exists now)"
 
 
@@ -92,6 +92,10 @@ class Session:
         self.seconds_snapshot = 0.0
         self.seconds_reset = 0.0
         self.broken = False  # the guest died: no more steps on it
+        # wait at reset until the dead ids are free again, so that a sequence runs the same
+        # every time (hypothesis' reruns, shrinking, replay). Without, the model still
+        # judges right (it knows the held ids) but failures may not reproduce.
+        self.wait_ids = True
         self.judged: Counter[str] = Counter()  # check -> judgments that passed
         self.current_step: Step | None = None  # the step (of a macro: the sub-step) now
 
@@ -122,7 +126,7 @@ class Session:
         The kernel frees a dead service's id after its delay; wait until the latest
         death is past that, with a margin for the delayed work.
         """
-        if not self.world.held or self.choices.id_free_delay_ms is None:
+        if not self.wait_ids or not self.world.held or self.choices.id_free_delay_ms is None:
             return
         until = max(self.world.held.values()) + (
             self.choices.id_delay_tolerance_ms / 1000 + ID_FREE_SLACK_S)
@@ -238,12 +242,14 @@ class Session:
             return
         self._run(step, rec, index)
 
-    def expand(self, step: Step) -> list[Step] | None:
+    def expand(self, step: Step) -> Iterable[Step] | None:
         """The steps of a macro step, from the model's state now (None: not possible now).
 
         crowd svc=A n=N: N new services A1..AN, each enabled with a pkey other than
         A's, each requested by A (the way to A's 15th request, the peer limit).
         """
+        if step.op == "pair":
+            return self._expand_pair(step)
         s = self.model.svc(step.svc)
         if step.op != "crowd" or s is None:
             return None
@@ -257,6 +263,38 @@ class Session:
             out += [Step("spawn", name), Step("enable", name, {"pkey": (base + i) % 16}),
                     Step("request", s.name, {"key_of": name})]
         return out
+
+    def _expand_pair(self, step: Step) -> Iterator[Step] | None:
+        """pair svc=A peer=B [same=1]: spawn and enable what is missing (B with another
+        pkey than A's when theirs would collide; with same=1, with A's), then the requests
+        each lacks: A and B end up mapped (with same=1: refused). Each sub-step is chosen
+        from the state the previous one left."""
+        a, b = step.svc, str(step.args.get("peer", ""))
+        same = bool(step.args.get("same", 0))  # the same pkey for both: pairing must fail
+        if not b or a == b:
+            return None
+        m = self.model
+
+        def gen() -> Iterator[Step]:
+            for n in (a, b):
+                if m.svc(n) is None:
+                    yield Step("spawn", n)
+            for n, other in ((a, b), (b, a)):
+                s, o = m.svc(n), m.svc(other)
+                if s is None or s.enabled:
+                    continue
+                want = s.id % 16
+                if o is not None and o.enabled and o.pkey is not None:
+                    if same:
+                        want = o.pkey
+                    elif o.pkey == want:
+                        want = (want + 1) % 16
+                yield Step("enable", n, {"pkey": want})
+            for n, other in ((a, b), (b, a)):
+                s = m.svc(n)
+                if s is not None and other not in s.requests:
+                    yield Step("request", n, {"key_of": other})
+        return gen()
 
     def _run(self, step: Step, rec: Record, index: int) -> None:
         self.current_step = step
