@@ -74,7 +74,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--json", type=Path, metavar="FILE", help="JSON report")
     p.add_argument("--junit", type=Path, metavar="FILE", help="JUnit XML report")
     p.add_argument("--html", type=Path, metavar="FILE", help="HTML report")
-    p.set_defaults(func=cmd_explore)
+    p.set_defaults(func=cmd_explore, modes=None)  # one paging mode (run_modes: --paging/--pti)
 
 
 def _replay_cmd(args: argparse.Namespace, kernel: Path) -> list[str]:

@@ -683,6 +683,7 @@ class Model:
             if p.spinner is not None:
                 r = self.regions.get(p.spinner[0])
                 if r is not None and r.owner == s.name:
+                    p.threads.pop(p.spinner[2], None)
                     p.spinner = None
         s.requests.clear()
         s.alive = False
@@ -734,6 +735,7 @@ class Model:
             if x.spinner is not None:
                 r = self.regions.get(x.spinner[0])
                 if r is not None and r.owner == y.name and self.paired(s.name, t.name):
+                    x.threads.pop(x.spinner[2], None)
                     x.spinner = None
         s.requests.discard(t.name)
 
@@ -812,6 +814,7 @@ class Model:
     def _stop_spinners_on(self, r: Region) -> None:
         for s in self.live():
             if s.spinner is not None and s.spinner[0] == r.name:
+                s.threads.pop(s.spinner[2], None)  # its thread faults and ends
                 s.spinner = None
 
     def _a_mprotect(self, step: Step, a: AnswerLike, now: float) -> None:

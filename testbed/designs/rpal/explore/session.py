@@ -229,7 +229,7 @@ class Session:
             raise failure_type("kernel_log")(index, rec.step, [f]) from None
 
     def execute(self, step: Step) -> None:
-        index = len(self.trace)
+        index = sum(1 for r in self.trace if r.answer != SKIPPED)
         rec = Record(step)
         self.trace.append(rec)
         if step.op in MACROS:
@@ -327,8 +327,16 @@ class Session:
                 + (f" ({pred.expect.why})" if pred.expect.why else ""),
                 index, step.svc, sent=rec.sent[-1], answer=a.text(),
                 expected=pred.expect.text()))
+        spinning = {x.name for x in m.live() if x.spinner is not None}
         m.apply(step, a, now)
         findings += self._after(step, pred, rec, index)
+        if pred.cutoff is None:
+            # a spinner the model lost without a cut-off to judge (its region moved): stop
+            # it, so the agent runs no spinner the model does not know
+            for name in sorted(spinning):
+                x = m.svc(name)
+                if x is not None and x.spinner is None:
+                    self._call(rec, "spinstop", svc=name)
         self.steps_done += 1
         if self.snap is not None:
             t0 = time.perf_counter()
