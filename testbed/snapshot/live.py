@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.boot.qmp import QMP
+from testbed.errors import TestbedError
 from testbed.snapshot.cpustate import CpuSnapshot, snapshot_cpus
 from testbed.snapshot.kernel import KernelView
 from testbed.snapshot.kernel_image import KernelImage
@@ -72,7 +73,7 @@ class LiveSnapshotter:
             snap = assemble(view, cpus, name=name, trigger=trigger, **assemble_args)
         finally:
             if was_running:
-                self.qmp.execute("cont")
+                self._cont()
         t_end = time.perf_counter()
         snap["timing"].update(
             cpus_ms=round((t_cpus - t0) * 1000, 2),
@@ -82,6 +83,19 @@ class LiveSnapshotter:
             total_ms=round((t_end - t0) * 1000, 2),
         )
         return snap
+
+    def _cont(self) -> None:
+        """Continue the guest. QEMU 7.2 refuses for a moment after the migration that read
+        the vCPUs reported completion ("Migration is not finalized yet"): retry briefly."""
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                self.qmp.execute("cont")
+                return
+            except TestbedError as exc:
+                if "not finalized" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.002)
 
     async def _pause_and_read_cpus(self) -> CpuSnapshot:
         """Stop a running guest and read its vCPUs; leave it stopped for the memory reads."""
