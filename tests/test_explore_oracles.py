@@ -51,10 +51,28 @@ def test_peer_generation_must_follow_the_owner() -> None:
     stuck = snap({100: 6, 101: 7}, {})
     pred = Prediction(UNKNOWN)
     assert all(f.passed for f in oracles.tlb_step_findings(before, moved, facts, m, pred,
-                                                           pids, 1))
-    bad = [f for f in oracles.tlb_step_findings(before, stuck, facts, m, pred, pids, 1)
+                                                           pids, 1, "a"))
+    bad = [f for f in oracles.tlb_step_findings(before, stuck, facts, m, pred, pids, 1, "a")
            if not f.passed]
     assert bad and bad[0].check == "tlb_state"
+
+
+def test_a_peer_flush_need_not_go_on_to_the_peers_peers() -> None:
+    m = model_ab()  # a <-> b
+    m.apply(Step("spawn", "c"), Answer("ok", {"pid": "102", "id": "2", "key": "3"}), 0.0)
+    m.apply(Step("enable", "c", {"pkey": 2}), Answer("ok", {"pkey": "2"}), 0.0)
+    m.apply(Step("request", "a", {"key_of": "c"}), Answer("ok", {"ret": "0"}), 0.0)
+    m.apply(Step("request", "c", {"key_of": "a"}), Answer("ok", {"ret": "1"}), 0.0)
+    facts = oracles.model_facts(m)
+    pids = {"a": 100, "b": 101, "c": 102}
+    before = snap({100: 5, 101: 7, 102: 3}, {})
+    after = snap({100: 6, 101: 8, 102: 3}, {})  # b unmapped: b and its peer a flushed
+    pred = Prediction(UNKNOWN)
+    assert all(f.passed for f in oracles.tlb_step_findings(before, after, facts, m, pred,
+                                                           pids, 1, "b"))
+    # had a acted, c (a's peer) must have seen the flush
+    assert not all(f.passed for f in oracles.tlb_step_findings(before, after, facts, m, pred,
+                                                               pids, 1, "a"))
 
 
 def test_release_must_flush_both_sides() -> None:
@@ -66,7 +84,7 @@ def test_release_must_flush_both_sides() -> None:
     before = snap({100: 5, 101: 7}, {})
     only_a = snap({100: 6, 101: 7}, {})
     bad = [f for f in oracles.tlb_step_findings(before, only_a, facts, m, pred,
-                                                {"a": 100, "b": 101}, 2) if not f.passed]
+                                                {"a": 100, "b": 101}, 2, "a") if not f.passed]
     assert [f.subject for f in bad] == ["b"]
 
 

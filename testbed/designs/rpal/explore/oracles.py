@@ -114,13 +114,19 @@ def snapshot_findings(snap: dict[str, Any], model: Model, step: int) -> list[Fin
 
 
 def tlb_step_findings(before: dict[str, Any], after: dict[str, Any], model_before: Facts,
-                      model: Model, pred: Prediction, pids: dict[str, int], step: int
-                      ) -> list[Finding]:
-    """TLB generations across one step: propagation to peers, and the flushes it must do."""
+                      model: Model, pred: Prediction, pids: dict[str, int], step: int,
+                      actor: str) -> list[Finding]:
+    """TLB generations across one step: propagation to peers, and the flushes it must do.
+
+    Propagation is judged for the acting service only: its page tables are the ones the
+    step changed, so a flush of its mm must reach every peer mapped before and after.
+    (A peer's generation also moves when the actor's flush reaches it; that flush need
+    not go on to the peer's own peers, which do not map the actor's slot.)
+    """
     ctx = {"scenario": "explore", "checkpoint": f"step {step}"}
     out: list[Finding] = []
     after_facts = model_facts(model)
-    both = frozenset(p for p in model_before.pairs if p in after_facts.pairs)
+    both = frozenset(p for p in model_before.pairs if p in after_facts.pairs and actor in p)
     if both:
         facts = Facts({r: after_facts.services[r] for p in both for r in p}, both)
         out += check_tlb_propagation(before, after, facts, ctx)

@@ -346,7 +346,7 @@ class Session:
             findings += oracles.snapshot_findings(snap, m, index)
             if self.last_snap is not None:
                 findings += oracles.tlb_step_findings(self.last_snap, snap, facts_before, m,
-                                                      pred, pids, index)
+                                                      pred, pids, index, step.svc)
             self.last_snap = snap
         if self.console is not None:
             findings += self.console.findings(index)
