@@ -118,6 +118,7 @@ def cmd_explore(args: argparse.Namespace) -> int:
                             "paging": args.paging, "pti": args.pti}
     res: driver.ExploreResult | None = None
     failure: driver.Failure | None = None
+    session: Session | None = None
     t0 = time.monotonic()
     try:
         with explore_guest(spec, bugs, run_dir, choices) as rig:
@@ -135,8 +136,11 @@ def cmd_explore(args: argparse.Namespace) -> int:
                                      seconds=args.time, services=args.services)
                 failure = res.failure
     except AgentBroken as exc:
-        raise TestbedError(f"explore: {exc}", run_dir=run_dir) from None
+        _dump_trace(run_dir, session)
+        raise TestbedError(f"explore: {exc}; the sequence so far is in "
+                           f"{run_dir / 'trace-at-error.txt'}", run_dir=run_dir) from None
     except driver.ExplorerBug as exc:
+        _dump_trace(run_dir, session)
         (run_dir / "explorer-error.txt").write_text(str(exc))
         last = str(exc).strip().splitlines()[-1]
         raise TestbedError(f"explore: internal error of the explorer ({last}); traceback in "
@@ -180,6 +184,17 @@ def cmd_explore(args: argparse.Namespace) -> int:
     _reports(args, run_dir, [result], rmeta)
     print(f"run folder: {run_dir}")
     return 0 if failure is None else 1
+
+
+def _dump_trace(run_dir: Path, session: Any) -> None:
+    if session is None:
+        return
+    lines = []
+    for i, r in enumerate(session.trace):
+        lines.append(f"{i:3d}. {r.step.text()}")
+        lines += [f"       > {x}" for x in r.sent]
+        lines.append(f"       < {r.answer}   [model: {r.expect}]")
+    (run_dir / "trace-at-error.txt").write_text("\n".join(lines) + "\n")
 
 
 def _print_summary(s: dict[str, Any], failure: Any) -> None:

@@ -134,7 +134,7 @@ class Prediction:
     # services whose mm must show a TLB flush across this step (release, exit, exec)
     flush: set[str] = field(default_factory=set)
     # the spinner this step must cut off: (spinning service, "gone" | "zeroed")
-    cutoff: tuple[str, str] | None = None
+    cutoff: list[tuple[str, str]] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- state
@@ -371,7 +371,7 @@ class Model:
         if t is None or t.name not in s.requests:
             return Prediction(Expect("result", (err(self.c.errno["release_not_requested"]),)))
         flush = {s.name, t.name} if self.paired(s.name, t.name) else set()
-        cut = self._cutoff_pair(s.name, t.name) if flush else None
+        cut = self._cutoff_pair(s.name, t.name) if flush else []
         return Prediction(Expect("result", (ok(),)), flush, cut)
 
     def _p_thread(self, step: Step, now: float) -> Prediction:
@@ -523,7 +523,7 @@ class Model:
         if r is None or not r.alive:
             return Prediction(UNKNOWN)
         prot = str(step.args["prot"])
-        cut = self._cutoff_region(r, "gone") if prot == "none" else None
+        cut = self._cutoff_region(r, "gone") if prot == "none" else []
         return Prediction(Expect("result", (ok(),)), cutoff=cut)
 
     def _p_pkey_mprotect(self, step: Step, now: float) -> Prediction:
@@ -551,14 +551,10 @@ class Model:
         how = step.args.get("how", "grow")
         if how == "shrink" and r.pages < 2:
             return Prediction(UNKNOWN)
-        cut = None
-        if r.owner in self.svcs:
-            sp = self._spinner_on(r)
-            if sp is not None:
-                svc, page = sp
-                if how == "shrink" and page >= r.pages - 1 or how == "grow":
-                    # grow with maymove may move the whole region
-                    cut = (svc, "gone") if how == "shrink" else None
+        # shrinking cuts a spinner on the last page; growing may move the region (a spinner
+        # the model then loses is stopped, not judged: the old address may stay mapped)
+        cut = [(name, "gone") for name, page in self._spinners_on(r)
+               if how == "shrink" and page >= r.pages - 1]
         return Prediction(Expect("result", (ok(),)), cutoff=cut)
 
     def _p_madvise(self, step: Step, now: float) -> Prediction:
@@ -566,7 +562,7 @@ class Model:
         if r is None or not r.alive:
             return Prediction(UNKNOWN)
         advice = step.args.get("advice", "dontneed")
-        cut = self._cutoff_region(r, "zeroed") if advice == "dontneed" else None
+        cut = self._cutoff_region(r, "zeroed") if advice == "dontneed" else []
         return Prediction(Expect("result", (ok(),)), cutoff=cut)
 
     def _p_fork(self, step: Step, now: float) -> Prediction:
@@ -602,32 +598,26 @@ class Model:
 
     # ----- spinner cut-offs -----------------------------------------------------------------
 
-    def _spinner_on(self, r: Region) -> tuple[str, int] | None:
-        for s in self.live():
-            if s.spinner is not None and s.spinner[0] == r.name:
-                return s.name, s.spinner[1]
-        return None
+    def _spinners_on(self, r: Region) -> list[tuple[str, int]]:
+        return [(s.name, s.spinner[1]) for s in self.live()
+                if s.spinner is not None and s.spinner[0] == r.name]
 
-    def _cutoff_region(self, r: Region, kind: str) -> tuple[str, str] | None:
-        sp = self._spinner_on(r)
-        return (sp[0], kind) if sp else None
+    def _cutoff_region(self, r: Region, kind: str) -> list[tuple[str, str]]:
+        return [(name, kind) for name, _ in self._spinners_on(r)]
 
-    def _cutoff_of_owner(self, owner: str, _: Any) -> tuple[str, str] | None:
-        for r in self.live_regions(owner):
-            sp = self._spinner_on(r)
-            if sp and sp[0] != owner:
-                return sp[0], "gone"
-        return None
+    def _cutoff_of_owner(self, owner: str, _: Any) -> list[tuple[str, str]]:
+        return [(name, "gone") for r in self.live_regions(owner)
+                for name, _ in self._spinners_on(r) if name != owner]
 
-    def _cutoff_pair(self, a: str, b: str) -> tuple[str, str] | None:
-        for s in (a, b):
+    def _cutoff_pair(self, a: str, b: str) -> list[tuple[str, str]]:
+        out = []
+        for s, other in ((a, b), (b, a)):
             sv = self.svc(s)
-            other = b if s == a else a
             if sv and sv.spinner:
                 r = self.regions.get(sv.spinner[0])
                 if r and r.owner == other:
-                    return s, "gone"
-        return None
+                    out.append((s, "gone"))
+        return out
 
     # ----- applying what happened ------------------------------------------------------------
 

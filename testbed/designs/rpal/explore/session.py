@@ -330,13 +330,13 @@ class Session:
         spinning = {x.name for x in m.live() if x.spinner is not None}
         m.apply(step, a, now)
         findings += self._after(step, pred, rec, index)
-        if pred.cutoff is None:
-            # a spinner the model lost without a cut-off to judge (its region moved): stop
-            # it, so the agent runs no spinner the model does not know
-            for name in sorted(spinning):
-                x = m.svc(name)
-                if x is not None and x.spinner is None:
-                    self._call(rec, "spinstop", svc=name)
+        # a spinner the model lost without a cut-off to judge (its region moved): stop
+        # it, so that the agent runs no spinner the model does not know
+        judged = {name for name, _ in pred.cutoff}
+        for name in sorted(spinning - judged):
+            x = m.svc(name)
+            if x is not None and x.spinner is None:
+                self._call(rec, "spinstop", svc=name)
         self.steps_done += 1
         if self.snap is not None:
             t0 = time.perf_counter()
@@ -363,8 +363,8 @@ class Session:
     def _after(self, step: Step, pred: Prediction, rec: Record, index: int) -> list[Finding]:
         """What a step implies: stop a spinner it cut off; read back dead-key queues."""
         out: list[Finding] = []
-        if pred.cutoff is not None:
-            out += self._judge_spinner(pred.cutoff, rec, index)
+        for cut in pred.cutoff:
+            out += self._judge_spinner(cut, rec, index)
         if step.op in ("exit", "exec"):
             for s in self.model.live():
                 if step.op == "exec" and s.name == step.svc:
