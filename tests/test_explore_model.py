@@ -343,6 +343,9 @@ def test_spinner_cutoffs() -> None:
     assert g.expect("munmap", "b", region="r1").cutoff == [("a", "gone")]
     assert g.expect("madvise", "b", region="r1", advice="dontneed").cutoff == [("a", "zeroed")]
     assert g.expect("madvise", "b", region="r1", advice="pageout").cutoff == []
+    g.m.regions["r1"].values[0] = 0  # a page that reads 0 anyway: DONTNEED shows nothing
+    assert g.expect("madvise", "b", region="r1", advice="dontneed").cutoff == []
+    g.m.regions["r1"].values[0] = 0x1234
     assert g.expect("release", "b", key_of="a").cutoff == [("a", "gone")]
     assert g.expect("exit", "b").cutoff == [("a", "gone")]
     assert g.expect("mprotect", "b", region="r1", prot="r").cutoff == []

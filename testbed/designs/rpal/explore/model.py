@@ -603,7 +603,10 @@ class Model:
                 if s.spinner is not None and s.spinner[0] == r.name]
 
     def _cutoff_region(self, r: Region, kind: str) -> list[tuple[str, str]]:
-        return [(name, kind) for name, _ in self._spinners_on(r)]
+        # "zeroed" (DONTNEED: the fresh page reads 0) shows a stale read only where the
+        # page held something else
+        return [(name, kind) for name, page in self._spinners_on(r)
+                if kind != "zeroed" or (page < r.pages and r.values[page] != 0)]
 
     def _cutoff_of_owner(self, owner: str, _: Any) -> list[tuple[str, str]]:
         return [(name, "gone") for r in self.live_regions(owner)
