@@ -14,15 +14,15 @@ from testbed.boot.commands import terminate_on_signals
 from testbed.boot.kernelimage import inspect_kernel, resolve_kernel
 from testbed.boot.machine import resolve_accel
 from testbed.build.initramfs import ImageSpec, build_image
-from testbed.check.model import ScenarioResult
-from testbed.check.rpal import CHECKS
-from testbed.errors import TestbedError
+from testbed.check.model import CheckInfo, ScenarioResult
+from testbed.designs import DEFAULT_DESIGN, Design, get_design
 from testbed.progress import Progress
 from testbed.report.common import RunMeta
 from testbed.runner import GuestSpec, default_parallel, run_all
-from testbed.scenarios import BUGS, SCENARIOS, select
 
-DEFAULT_SERIES = "rpal-ref"
+
+def _design(args: argparse.Namespace) -> Design:
+    return get_design(getattr(args, "design", DEFAULT_DESIGN))
 
 
 def guest_spec(args: argparse.Namespace) -> tuple[GuestSpec, dict[str, float]]:
@@ -34,7 +34,7 @@ def guest_spec(args: argparse.Namespace) -> tuple[GuestSpec, dict[str, float]]:
     else:
         from testbed.build.kernel import build_kernel
 
-        kernel = build_kernel(series=DEFAULT_SERIES).bzimage
+        kernel = build_kernel(series=_design(args).kernel_series).bzimage
     timings["kernel"] = round(time.monotonic() - t0, 2)
     info = inspect_kernel(kernel)
     t0 = time.monotonic()
@@ -48,9 +48,10 @@ def guest_spec(args: argparse.Namespace) -> tuple[GuestSpec, dict[str, float]]:
 
 
 def _meta(spec: GuestSpec, bugs: tuple[str, ...], started: float, timings: dict[str, float],
-          results: list[ScenarioResult]) -> RunMeta:
-    osrel = next((s["kernel"]["osrelease"] for r in results for s in r.snapshots.values()), "")
+          results: list[ScenarioResult], design: Design) -> RunMeta:
+    osrel = next((s.kernel.osrelease for r in results for s in r.snapshots.values()), "")
     return RunMeta(
+        design=design.name, title=design.title, checks=dict(design.checks),
         kernel=str(spec.kernel), osrelease=osrel, bugs=bugs, accel=spec.accel.describe(),
         started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         seconds=round(time.time() - started, 1), timings=timings,
@@ -66,11 +67,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     terminate_on_signals()
     started = time.time()
-    scenarios = select(args.scenario)
+    design = _design(args)
+    scenarios = design.select(args.scenario)
     bugs = tuple(args.bug or ())
-    unknown = [b for b in bugs if b not in BUGS]
-    if unknown:
-        raise TestbedError(f"unknown bug {', '.join(unknown)}: choose from {', '.join(BUGS)}")
+    design.check_bugs(bugs)
     spec, timings = guest_spec(args)
     parent = args.run_dir or paths.new_run_dir("run")
     parent.mkdir(parents=True, exist_ok=True)
@@ -80,7 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     results = run_all([(sc, bugs) for sc in scenarios], spec, parent, args.parallel)
     timings["scenarios"] = round(time.monotonic() - t0, 2)
     prog.done()
-    meta = _meta(spec, bugs, started, timings, results)
+    meta = _meta(spec, bugs, started, timings, results, design)
     print_summary(results, meta)
     outputs = {"junit": args.junit, "json": args.json, "html": args.html}
     for kind, path in outputs.items():
@@ -93,20 +93,22 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def matrix_rows(per_bug: dict[str, list[list[ScenarioResult]]], checks: list[str],
-                *, every_bug_must_show: bool = True) -> tuple[list[dict[str, Any]], list[str]]:
+                *, every_bug_must_show: bool = True, infos: dict[str, CheckInfo] | None = None
+                ) -> tuple[list[dict[str, Any]], list[str]]:
     """Cells of the matrix and the problems (false alarms, uncaught bugs). Pure.
 
     Without `every_bug_must_show` (some of the scenarios, every bug) an uncaught
     bug is reported in its row but is not a problem: those scenarios may not
     exercise it.
     """
+    infos = infos if infos is not None else dict(get_design().checks)
     rows, problems = [], []
     for bug, reps in per_bug.items():
         failed = [set().union(*(r.failed_checks() for r in rep)) for rep in reps]
         cells = {}
         for c in checks:
             n = sum(c in f for f in failed)
-            named = "*" if bug and bug in CHECKS[c].bugs else ""
+            named = "*" if bug and c in infos and bug in infos[c].bugs else ""
             cells[c] = (f"FAIL{named}" if n == len(reps) else f"FAIL {n}/{len(reps)}{named}"
                         if n else ("-" + named if named else "-"))
         other = sorted(set().union(*failed) - set(checks))
@@ -116,7 +118,8 @@ def matrix_rows(per_bug: dict[str, list[list[ScenarioResult]]], checks: list[str
             if bad:
                 problems.append(f"the correct kernel failed {', '.join(bad)}")
         else:
-            caught = all(any(c in f and bug in CHECKS[c].bugs for c in checks) for f in failed)
+            caught = all(any(c in f and c in infos and bug in infos[c].bugs for c in checks)
+                         for f in failed)
             if caught:
                 verdict = "caught"
             elif every_bug_must_show:
@@ -135,8 +138,9 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 
     terminate_on_signals()
     started = time.time()
-    scenarios = select(args.scenario)
-    bugs = [""] + list(args.bug or BUGS)
+    design = _design(args)
+    scenarios = design.select(args.scenario)
+    bugs = [""] + list(args.bug or design.bugs)
     spec, timings = guest_spec(args)
     parent = args.run_dir or paths.new_run_dir("matrix")
     parent.mkdir(parents=True, exist_ok=True)
@@ -151,10 +155,11 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         for b in bugs:
             per_bug[b].append(results[i:i + len(scenarios)])
             i += len(scenarios)
-    checks = list(CHECKS)
+    checks = list(design.checks)
     # every bug must show when all scenarios ran, or when the bugs were chosen by name
-    must_show = bool(args.bug) or len(scenarios) == len(SCENARIOS)
-    rows, problems = matrix_rows(per_bug, checks, every_bug_must_show=must_show)
+    must_show = bool(args.bug) or len(scenarios) == len(design.scenarios)
+    rows, problems = matrix_rows(per_bug, checks, every_bug_must_show=must_show,
+                                 infos=dict(design.checks))
     text = text_env().get_template("matrix.txt.j2").render(
         rows=rows, checks=checks, repeat=args.repeat, ok=not problems, problems=problems,
         seconds=time.time() - started,
@@ -174,11 +179,13 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("scenario", nargs="*", help=f"scenarios (default all: {', '.join(SCENARIOS)})")
+    design = get_design(DEFAULT_DESIGN)
+    p.add_argument("scenario", nargs="*",
+                   help=f"scenarios (default all: {', '.join(design.scenarios)})")
     p.add_argument("--kernel", type=Path,
                    help=f"bzImage with vmlinux or System.map beside it, or a cached build's "
                         f"key (default: the "
-                        f"{DEFAULT_SERIES} reference kernel, built or from the cache)")
+                        f"{design.kernel_series} reference kernel, built or from the cache)")
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
     p.add_argument("--paging", type=int, choices=(4, 5), default=5)
     p.add_argument("--pti", choices=("auto", "on", "off"), default="auto")
@@ -186,8 +193,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parallel", type=int, default=default_parallel(), metavar="N",
                    help="guests at a time (default: host CPUs / 2, at most 4)")
     p.add_argument("--run-dir", type=Path, help="parent folder of the scenarios' run folders")
-    p.add_argument("--bug", action="append", choices=BUGS, metavar="NAME",
-                   help=f"boot with this injected bug (repeatable): {', '.join(BUGS)}")
+    p.add_argument("--bug", action="append", choices=design.bugs, metavar="NAME",
+                   help=f"boot with this injected bug (repeatable): {', '.join(design.bugs)}")
     p.add_argument("--json", type=Path, metavar="FILE", help="JSON report")
 
 

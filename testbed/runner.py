@@ -21,13 +21,11 @@ from typing import Any
 from testbed import paths
 from testbed.boot.hostcaps import Accel
 from testbed.boot.machine import Checkpoint, Machine, MachineConfig
-from testbed.check.model import Finding, ScenarioResult
-from testbed.check.output import parse_workload_output
-from testbed.check.rpal import check_snapshots
+from testbed.check.model import Finding, ScenarioResult, Status, missing_checks
+from testbed.designs import Scenario, get_design
 from testbed.errors import TestbedError
-from testbed.scenarios import Scenario
 from testbed.snapshot.live import LiveSnapshotter, write_snapshot
-from testbed.snapshot.snapshot import Trigger
+from testbed.snapshot.model import Snapshot, Trigger
 
 WORKLOAD_TIMEOUT = 300.0
 
@@ -68,9 +66,10 @@ def split_output(text: str, count: int) -> list[tuple[str, int | None]]:
     return out
 
 
-def kernel_append(spec: GuestSpec, bugs: tuple[str, ...]) -> str:
-    """The extra kernel command line of a scenario's guest: the spec's, then rpal.bug=."""
-    return " ".join(x for x in (spec.append, f"rpal.bug={','.join(bugs)}" if bugs else "") if x)
+def kernel_append(spec: GuestSpec, bugs: tuple[str, ...], bug_param: str) -> str:
+    """The extra kernel command line of a scenario's guest: the spec's, then BUG_PARAM=bugs."""
+    return " ".join(x for x in (spec.append, f"{bug_param}={','.join(bugs)}" if bugs else "")
+                    if x)
 
 
 def _testbed_program() -> str:
@@ -95,7 +94,7 @@ def reproduce_commands(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...]
         run += ["--bug", b]
     if spec.append:
         run += ["--append", spec.append]
-    append = kernel_append(spec, bugs)
+    append = kernel_append(spec, bugs, get_design(sc.design).bug_param)
     boot = [prog, "boot", *guest, "--smp", str(sc.smp), "--mem", str(spec.mem_mib)]
     if append:
         boot += ["--append", append]
@@ -129,15 +128,17 @@ def run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], parent: P
     t0 = time.monotonic()
     tag = "+".join(bugs) if bugs else "nobug"
     run_dir = paths.new_run_dir(f"{sc.name}-{tag}", parent)
-    append = kernel_append(spec, bugs)
+    design = get_design(sc.design)
+    append = kernel_append(spec, bugs, design.bug_param)
     cfg = MachineConfig(
         kernel=spec.kernel, initrd=spec.initrd, accel=spec.accel, smp=sc.smp,
         mem_mib=spec.mem_mib, paging=spec.paging, pti=spec.pti, append=append,
         boot_timeout=spec.boot_timeout,
     )
-    result = ScenarioResult(sc.name, [], str(run_dir), bugs)
+    result = ScenarioResult(sc.name, [], str(run_dir), bugs, design=design.name)
     result.reproduce = str(write_reproducer(run_dir, sc, spec, bugs))
-    snapshots: list[dict[str, Any]] = []
+    snapshots: list[Snapshot] = []
+    outputs: list[tuple[str, str, int | None]] = []
     snapper: LiveSnapshotter | None = None
     try:
         machine = Machine(cfg, run_dir)
@@ -159,21 +160,22 @@ def run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], parent: P
             result.output = text
             for w, (out, status) in zip(sc.workloads, split_output(text, len(sc.workloads)),
                                         strict=True):
-                result.findings += parse_workload_output(out, scenario=sc.name,
-                                                         workload=w.split()[0], status=status)
+                outputs.append((w.split()[0], out, status))
             for entry in m.checkpoint_log:
                 if "error" in entry:
                     result.findings.append(Finding(
-                        "snapshot", False, f"snapshot at {entry.get('name')} failed: "
-                        f"{entry['error']}", sc.name, str(entry.get("name", "")), error=True,
+                        "snapshot", Status.ERROR, f"snapshot at {entry.get('name')} failed: "
+                        f"{entry['error']}", sc.name, str(entry.get("name", "")),
                     ))
     except TestbedError as exc:
         result.error = exc.one_line()
     finally:
         if snapper is not None:
             snapper.close()
-    result.findings += check_snapshots(snapshots, sc.name)
-    result.snapshots = {s["name"]: s for s in snapshots}
+    result.findings += design.judge(snapshots, sc, outputs)
+    if not result.error:
+        result.findings += missing_checks(sc.checks, result.findings, scenario=sc.name)
+    result.snapshots = {s.name: s for s in snapshots}
     result.seconds = round(time.monotonic() - t0, 2)
     (run_dir / "findings.json").write_text(
         json.dumps([f.to_dict() for f in result.findings], indent=1) + "\n"
@@ -198,6 +200,8 @@ def _run_selftest(sc: Scenario, machine: Machine, result: ScenarioResult, t0: fl
         result.findings = [replace(f, scenario=sc.name) for f in sub.findings]
         result.output = sub.output
         result.error = sub.error
+        if not result.error:
+            result.findings += missing_checks(sc.checks, result.findings, scenario=sc.name)
     result.seconds = round(time.monotonic() - t0, 2)
     return result
 

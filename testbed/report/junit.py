@@ -2,8 +2,10 @@
 
 Testcase name `check[checkpoint] subject`, classname `scenario.check` (CI UIs group by class).
 A failing case has <failure message=... type=check> whose text is the message and the evidence;
-an error finding, or a scenario that could not run (testcase "scenario"), has <error>. The guest
-output of the scenario is the suite's <system-out>.
+an error finding, or a scenario that could not run (testcase "scenario"), has <error>; a case
+whose findings are all skips has <skipped message=...>. Each testcase has a property `source`
+(host: judged from snapshots; guest: a guest program's verdict). The guest output of the
+scenario is the suite's <system-out>.
 
 This is the one report not rendered with jinja2: XML needs attribute and text escaping (and
 characters XML 1.0 forbids removed) that xml.etree.ElementTree does right, so it is built as a
@@ -35,9 +37,9 @@ def xml_safe(text: str) -> str:
 def _case_text(case: Case) -> str:
     parts = []
     for f in case.findings:
-        if f.passed and not f.error:
+        if not f.bad:
             continue
-        parts.append(f"{f.status.upper()}: {f.message}")
+        parts.append(f"{f.status.value.upper()} ({f.source}): {f.message}")
         if f.evidence:
             parts.append(pretty_evidence(f.evidence))
     if case.error_text:
@@ -63,6 +65,7 @@ def junit_tree(results: Sequence[ScenarioResult], meta: RunMeta | None = None) -
         tests=str(t.tests),
         failures=str(t.failures),
         errors=str(t.errors),
+        skipped=str(t.skipped),
         time=f"{meta.seconds or t.seconds:.3f}",
     )
     for r in results:
@@ -74,7 +77,7 @@ def junit_tree(results: Sequence[ScenarioResult], meta: RunMeta | None = None) -
             tests=str(len(cs)),
             failures=str(sum(c.status == "fail" for c in cs)),
             errors=str(sum(c.status == "error" for c in cs)),
-            skipped="0",
+            skipped=str(sum(c.status == "skip" for c in cs)),
             time=f"{r.seconds:.3f}",
         )
         if meta.started:
@@ -97,7 +100,11 @@ def junit_tree(results: Sequence[ScenarioResult], meta: RunMeta | None = None) -
                 classname=xml_safe(f"{r.scenario}.{c.check}"),
                 time=f"{r.seconds:.3f}" if c.error_text else "0.000",
             )
+            _properties(case, {"source": c.source})
             if c.status == "pass":
+                continue
+            if c.status == "skip":
+                ET.SubElement(case, "skipped", message=xml_safe(" ".join(c.message.split())))
                 continue
             el = ET.SubElement(
                 case,
