@@ -57,7 +57,7 @@ def by_subject(findings):
 
 
 def bad(findings):
-    return [f for f in findings if not f.passed or f.error]
+    return [f for f in findings if f.bad]
 
 
 def cut_after(text: str, line: str) -> str:
@@ -154,7 +154,7 @@ def test_done_but_fewer_iterations_than_the_source_says():
 def test_recorded_no_pkeys_is_a_skip():
     text = (DATA / "protection_keys-6.1-debian-nopku.log").read_text()
     fs = pk(text, status=0)
-    assert len(fs) == 1 and fs[0].passed and fs[0].evidence["skipped"]
+    assert len(fs) == 1 and fs[0].status == "skip" and not fs[0].bad
     assert summary_lines(fs)[0].startswith("SKIP")
     assert exit_status(ScenarioResult("s", fs)) == 4
 
@@ -186,11 +186,12 @@ def test_tap_pass_fail_skip_todo():
     s = by_subject(fs)
     assert list(s) == ["first", "second", "third", "fourth", "test 5"]
     assert s["first"].passed and not s["second"].passed and not s["second"].error
-    assert s["third"].passed and s["third"].evidence["skipped"]
+    assert s["third"].status == "skip" and not s["third"].passed
     assert s["third"].message == "SKIP no hardware"
     assert s["fourth"].passed and "TODO" in s["fourth"].message
     assert {f.check for f in fs} == {"selftest:demo"}
     assert counts(fs) == {"pass": 3, "fail": 1, "error": 0, "skip": 1}
+    assert {f.source for f in fs} == {"guest"}
 
 
 def test_tap_only_skips_exit_4():
@@ -220,7 +221,7 @@ def test_tap_all_ok_but_bad_status_is_an_error():
 
 def test_tap_whole_suite_skipped():
     fs = parse_selftest_output("TAP version 13\n1..0 # SKIP needs root\n", status=0)
-    assert len(fs) == 1 and fs[0].passed and fs[0].evidence["skipped"]
+    assert len(fs) == 1 and fs[0].status == "skip" and not fs[0].bad
 
 
 KTAP_NESTED = """\
@@ -246,7 +247,7 @@ def test_ktap_nested_subtests_are_named_by_parent():
     s = by_subject(fs)
     assert list(s) == ["pkeys/alloc", "pkeys/free", "pkeys/mprotect", "other/one"]
     assert not s["pkeys/free"].passed and s["pkeys/free"].evidence["depth"] == 1
-    assert s["pkeys/mprotect"].evidence["skipped"]
+    assert s["pkeys/mprotect"].status == "skip"
 
 
 def test_ktap_failing_parent_without_failing_child_is_reported():

@@ -514,7 +514,7 @@ class Snapshot:
                 f"schema_version: {d.get('schema_version')!r}, this testbed reads "
                 f"{SCHEMA_VERSION}: take the snapshot again with this testbed")
         trig = d.get("trigger")
-        timing = d.get("timing") or {}
+        timing = d.get("timing", {})
         if not isinstance(timing, MappingABC):
             raise SnapshotFormatError("timing: expected an object")
         return cls(
