@@ -12,8 +12,8 @@ from typing import Any
 
 import jsonschema
 import pytest
-
 import synth
+
 from testbed.check.model import Finding, ScenarioResult, Status
 from testbed.designs.rpal import DESIGN
 from testbed.report import html, jsonreport, junit, slotgraph, summary

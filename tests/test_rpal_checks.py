@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
-
 from synth import (
     A_TABLE,
     B_TABLE,
@@ -29,6 +28,7 @@ from synth import (
     with_task,
     without,
 )
+
 from testbed.check.model import Finding, Status
 from testbed.designs import get_design
 from testbed.designs.rpal import BUGS, DESIGN

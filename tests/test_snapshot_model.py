@@ -15,8 +15,9 @@ from typing import Any
 
 import jsonschema
 import pytest
-
 import synth
+from test_kernel_objects import CASES, DATA, attach
+
 from testbed.report.text import render_snapshot
 from testbed.snapshot.migstream import VcpuState
 from testbed.snapshot.model import (
@@ -27,7 +28,6 @@ from testbed.snapshot.model import (
     json_schema,
 )
 from testbed.snapshot.snapshot import assemble
-from test_kernel_objects import CASES, DATA, attach
 
 SCHEMA = json_schema()
 
