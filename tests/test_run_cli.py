@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 
 from testbed.boot.hostcaps import Accel
+from testbed.designs import get_design
 from testbed.runner import GuestSpec, reproduce_commands, write_reproducer
-from testbed.scenarios import SCENARIOS
 
 from conftest import run_testbed
+
+SCENARIOS = get_design("rpal").scenarios
 
 SPEC = GuestSpec(kernel=Path("/k/bzImage"), initrd=Path("/i.cpio"),
                  accel=Accel("tcg", "max", "test"), paging=4, pti="on", append="quiet")
@@ -29,7 +31,7 @@ def test_reproduce_commands_carry_every_guest_option() -> None:
                  "--bug same_pkey --bug pkru_open", "--append quiet"):
         assert part in text, part
     assert boot[1] == "boot"
-    assert boot[boot.index("--append") + 1] == "quiet rpal.bug=same_pkey,pkru_open"
+    assert boot[boot.index("--append") + 1] == "rpal.bug=same_pkey,pkru_open quiet"
     assert "--smp" in boot and "--mem" in boot
 
 

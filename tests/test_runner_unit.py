@@ -17,14 +17,14 @@ from typing import Any
 
 import jsonschema
 import pytest
-
 import synth
+
 from testbed import runner
 from testbed.boot.hostcaps import Accel
 from testbed.boot.machine import Checkpoint
 from testbed.boot.ssh import CommandResult
 from testbed.check.model import Status
-from testbed.designs import Scenario
+from testbed.designs import Scenario, get_design
 from testbed.snapshot.model import Snapshot, json_schema
 
 
@@ -119,6 +119,6 @@ def test_failed_snapshot_is_an_error(monkeypatch: pytest.MonkeyPatch, tmp_path: 
 
 def test_bug_goes_on_the_kernel_command_line_and_the_reproducer(tmp_path: Path) -> None:
     sc = Scenario("t", "test", ("tb-rpal_pair",), ("faults",), design="rpal")
-    assert runner.kernel_append(SPEC, ("a", "b"), "rpal.bug") == "rpal.bug=a,b"
+    assert runner.kernel_append(SPEC, ("a", "b"), get_design("rpal")) == "rpal.bug=a,b"
     run, boot = runner.reproduce_commands(sc, SPEC, ("same_pkey",))
     assert run[-2:] == ["--bug", "same_pkey"] and "rpal.bug=same_pkey" in boot

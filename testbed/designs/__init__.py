@@ -47,6 +47,7 @@ class Design:
     scenarios: Mapping[str, Scenario]
     bugs: tuple[str, ...]  # injected bugs of the reference kernel (NAME of bug=NAME)
     bug_param: str  # the kernel command line parameter that injects them, e.g. "rpal.bug"
+    bug_sysfs: str  # where the guest shows the bugs in effect ("none" or "a,b")
     output_checks: Mapping[str, str]  # workload verdict-line name -> check
     judge_snapshots: Judge
     extra: dict[str, Any] = field(default_factory=dict)

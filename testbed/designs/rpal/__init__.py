@@ -24,6 +24,7 @@ DESIGN = Design(
     scenarios=SCENARIOS,
     bugs=BUGS,
     bug_param="rpal.bug",
+    bug_sysfs="/sys/module/rpal/parameters/bug",
     output_checks=OUTPUT_CHECKS,
     judge_snapshots=judge,
 )
