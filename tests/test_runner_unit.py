@@ -33,6 +33,7 @@ class FakeGuest:
     snapshots: list[Snapshot]
     output: str
     log: list[dict[str, Any]] = field(default_factory=list)
+    console: str = "Linux version 6.1\n"
 
 
 def _install(monkeypatch: pytest.MonkeyPatch, guest: FakeGuest) -> None:
@@ -42,6 +43,8 @@ def _install(monkeypatch: pytest.MonkeyPatch, guest: FakeGuest) -> None:
             self.qmp, self.ram_path = object(), run_dir / "ram"
             self.on_checkpoint: Callable[[Checkpoint], None] | None = None
             self.checkpoint_log = guest.log
+            self.console_log = run_dir / "console.log"
+            self.console_log.write_text(guest.console)
 
         def __enter__(self) -> FakeMachine:
             return self
@@ -50,6 +53,8 @@ def _install(monkeypatch: pytest.MonkeyPatch, guest: FakeGuest) -> None:
             pass
 
         def run(self, script: str, timeout: float, label: str) -> CommandResult:
+            if script.startswith("cat /sys/"):  # the bugs in effect
+                return CommandResult(0, b"none\n", b"", 0.0)
             assert self.on_checkpoint is not None and "@@@ begin 0" in script
             for s in guest.snapshots:
                 assert s.trigger is not None
@@ -85,8 +90,8 @@ def test_host_and_guest_findings_and_files(monkeypatch: pytest.MonkeyPatch, tmp_
     sc = Scenario("t", "test", ("tb-rpal_pair",), ("slot_copies", "faults"), design="rpal")
     r = runner.run_scenario(sc, SPEC, (), tmp_path)
     assert r.passed and not r.error and r.design == "rpal"
-    assert {(f.check, f.source) for f in r.findings} >= {("faults", "guest"),
-                                                        ("slot_copies", "host")}
+    assert {(f.check, f.source) for f in r.findings} >= {
+        ("faults", "guest"), ("slot_copies", "host"), ("kernel_log", "host")}
     assert isinstance(r.snapshots["paired"], Snapshot)
     run_dir = Path(r.run_dir)
     written = json.loads((run_dir / "snapshots" / "paired.json").read_text())
@@ -122,3 +127,12 @@ def test_bug_goes_on_the_kernel_command_line_and_the_reproducer(tmp_path: Path) 
     assert runner.kernel_append(SPEC, ("a", "b"), get_design("rpal")) == "rpal.bug=a,b"
     run, boot = runner.reproduce_commands(sc, SPEC, ("same_pkey",))
     assert run[-2:] == ["--bug", "same_pkey"] and "rpal.bug=same_pkey" in boot
+
+
+def test_kernel_alarm_fails_the_scenario(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    guest = FakeGuest([], _out("A: ok peer_read: 42"),
+                      console="[    1.0] BUG: Bad page map in process x\n")
+    _install(monkeypatch, guest)
+    sc = Scenario("t", "test", ("tb-rpal_pair",), ("faults",), design="rpal")
+    r = runner.run_scenario(sc, SPEC, (), tmp_path)
+    assert r.failed_checks() == {"kernel_log"}
