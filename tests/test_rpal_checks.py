@@ -16,6 +16,7 @@ from synth import (
     B_TABLE,
     MM_A,
     MM_B,
+    MM_INIT,
     cpu,
     facts,
     leaf,
@@ -145,7 +146,13 @@ def _own_entry_marked() -> list[Snapshot]:
     return [with_mm(s, 101, slots=a)]
 
 
+def _missing_copy() -> list[Snapshot]:
+    s = rpal_snapshot()  # paired, but A's page tables hold no entry for B's slot
+    return [with_mm(s, 101, slots=(slot(1, A_TABLE),))]
+
+
 BUG_ROWS: dict[str, tuple[Snaps, str]] = {
+    "missing_copy": (_missing_copy, "slot_copies"),
     "wrong_slot_copy": (_wrong_slot_copy, "slot_copies"),
     "keep_copy_on_release": (_keep_copy_on_release, "slot_copies"),
     "keep_copy_on_exit": (_keep_copy_on_exit, "slot_copies"),
@@ -253,7 +260,18 @@ def _pair_names_unknown_service() -> list[Snapshot]:
     return [rpal_snapshot(fact_map=facts(pairs="A-C"))]
 
 
+def _pti_user_root_not_read() -> list[Snapshot]:
+    return [with_mm(rpal_snapshot(pti=True), 101, user_slots=None)]
+
+
+def _survivor_slots_absent() -> list[Snapshot]:
+    dead = without(rpal_snapshot("exited", fact_map=facts(pairs="A-B", b={"alive": "0"})), 102)
+    return [rpal_snapshot(), with_mm(dead, 101, slots=Absent("root table unreadable"))]
+
+
 ERROR_ROWS: dict[str, tuple[Snaps, tuple[str, ...]]] = {
+    "PTI user root not read": (_pti_user_root_not_read, ("slot_copies",)),
+    "survivor's slot entries absent": (_survivor_slots_absent, ("slot_copies",)),
     "mappings absent": (_mappings_absent, ("slot_confinement", "keys", "pkru", "claims")),
     "slot entries absent": (_slots_absent,
                             ("slot_copies", "slot_confinement", "keys", "pkru", "claims")),
@@ -279,7 +297,8 @@ def test_unreadable_data_is_an_error_never_a_pass(row: str) -> None:
     # root; its kernel-root copy was read and is judged)
     for f in fs:
         if f.check in checks and f.evidence.get("pid") == 101 and (
-                row != "PTI user root absent" or f.evidence.get("root") == "user"):
+                not row.startswith("PTI user root") or f.evidence.get("root") == "user") and (
+                f.checkpoint != "paired" or not row.startswith("survivor")):
             assert f.status is not Status.PASS, f.message
 
 
@@ -301,7 +320,7 @@ def test_checkpoint_without_facts_skips_declared_host_checks() -> None:
 
 def test_no_cpu_running_a_service_is_a_tlb_skip() -> None:
     s = rpal_snapshot()
-    s = replace(s, cpus=(cpu(0, MM_A, 3, lazy=True),))
+    s = replace(s, cpus=(cpu(0, MM_A, 3, lazy=True), cpu(1, MM_INIT, 1)))
     assert statuses(judge([s]), "tlb_state") == {"skip"}
 
 
