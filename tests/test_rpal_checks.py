@@ -322,6 +322,8 @@ def test_no_cpu_running_a_service_is_a_tlb_skip() -> None:
     s = rpal_snapshot()
     s = replace(s, cpus=(cpu(0, MM_A, 3, lazy=True), cpu(1, MM_INIT, 1)))
     assert statuses(judge([s]), "tlb_state") == {"skip"}
+    assert statuses(judge([s], declared=("keys",)), "tlb_state") == set()  # not declared
+    assert statuses(judge([s], declared=("tlb_state",)), "tlb_state") == {"skip"}
 
 
 def test_several_unmarked_service_slots_without_the_claimed_one() -> None:
