@@ -17,6 +17,7 @@ from typing import Any
 from testbed.check.model import CheckInfo, Finding
 from testbed.check.output import parse_workload_output
 from testbed.errors import TestbedError
+from testbed.snapshot.model import Snapshot
 
 DEFAULT_DESIGN = "rpal"
 # name -> module that defines DESIGN (imported on first use)
@@ -35,7 +36,7 @@ class Scenario:
 
 
 # judge(snapshots, scenario) -> findings of the design's host checks
-Judge = Callable[[Sequence[Any], Scenario], list[Finding]]
+Judge = Callable[[Sequence[Snapshot], Scenario], list[Finding]]
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class Design:
     judge_snapshots: Judge
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def judge(self, snapshots: Sequence[Any], scenario: Scenario,
+    def judge(self, snapshots: Sequence[Snapshot], scenario: Scenario,
               outputs: Sequence[tuple[str, str, int | None]] = ()) -> list[Finding]:
         """Findings from the workloads' outputs ((workload, text, exit status), source
         guest) and from the snapshots (the design's host checks)."""
