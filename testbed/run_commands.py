@@ -15,7 +15,7 @@ from testbed.boot.kernelimage import inspect_kernel, resolve_kernel
 from testbed.boot.machine import resolve_accel
 from testbed.build.initramfs import ImageSpec, build_image
 from testbed.check.kernel_log import CHECK as KERNEL_LOG
-from testbed.check.model import CheckInfo, ScenarioResult
+from testbed.check.model import CheckInfo, ScenarioResult, Status
 from testbed.designs import DEFAULT_DESIGN, Design, get_design
 from testbed.errors import UsageError
 from testbed.progress import Progress
@@ -149,12 +149,17 @@ def matrix_rows(per_bug: dict[str, list[list[ScenarioResult]]], checks: list[str
     rows, problems = [], []
     for bug, reps in per_bug.items():
         failed = [set().union(*(r.failed_checks() for r in rep)) for rep in reps]
+        # a bug is caught by a check's *fail*: an error (could not judge, not exercised,
+        # e.g. a workload that crashed before its checkpoints) shows as ERR, catches nothing
+        fails = [set().union(*(r.checks_with(Status.FAIL) for r in rep)) for rep in reps]
         cells = {}
         for c in checks:
-            n = sum(c in f for f in failed)
+            n = sum(c in f for f in fails)
+            e = sum(c in f and c not in g for f, g in zip(failed, fails, strict=True))
             named = "*" if bug and c in infos and bug in infos[c].bugs else ""
             cells[c] = (f"FAIL{named}" if n == len(reps) else f"FAIL {n}/{len(reps)}{named}"
-                        if n else ("-" + named if named else "-"))
+                        if n else f"ERR{named}" if e == len(reps) else
+                        f"ERR {e}/{len(reps)}{named}" if e else ("-" + named if named else "-"))
         other = sorted(set().union(*failed) - set(checks))
         if not bug:
             bad = sorted(set().union(*failed))
@@ -163,7 +168,7 @@ def matrix_rows(per_bug: dict[str, list[list[ScenarioResult]]], checks: list[str
                 problems.append(f"the correct kernel failed {', '.join(bad)}")
         else:
             caught = all(any(c in f and c in infos and bug in infos[c].bugs for c in checks)
-                         for f in failed)
+                         for f in fails)
             if caught:
                 verdict = "caught"
             elif every_bug_must_show:

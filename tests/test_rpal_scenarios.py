@@ -43,6 +43,13 @@ def test_matrix_of_some_scenarios_does_not_fail_on_bugs_they_do_not_exercise():
     assert problems == ["same_pkey not caught by a check named for it in every repetition"]
     _, problems = matrix_rows({"": [[bad]]}, list(CHECKS), every_bug_must_show=False)
     assert problems == ["the correct kernel failed ids"]  # false alarms always count
+    # an error (not exercised: the workload crashed) catches nothing; on the correct
+    # kernel it is still a problem
+    err = ScenarioResult("limits", [Finding("ids", Status.ERROR, "not exercised", "limits")])
+    rows, problems = matrix_rows({"": [[ok]], "exhaustion_frees_id": [[err]]}, list(CHECKS))
+    assert rows[1]["cells"]["ids"] == "ERR*" and rows[1]["verdict"] == "NOT CAUGHT"
+    _, problems = matrix_rows({"": [[err]]}, list(CHECKS), every_bug_must_show=False)
+    assert problems == ["the correct kernel failed ids"]
 
 
 @pytest.mark.vm

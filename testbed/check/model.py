@@ -130,6 +130,10 @@ class ScenarioResult:
     def passed(self) -> bool:
         return not self.error and not any(f.bad for f in self.findings)
 
+    def checks_with(self, status: Status) -> set[str]:
+        """The checks with at least one finding of this status."""
+        return {f.check for f in self.findings if f.status is status}
+
     def failed_checks(self) -> set[str]:
         out = {f.check for f in self.findings if f.bad}
         if self.error:
