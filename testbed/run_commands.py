@@ -15,9 +15,9 @@ from testbed.boot.kernelimage import inspect_kernel, resolve_kernel
 from testbed.boot.machine import resolve_accel
 from testbed.build.initramfs import ImageSpec, build_image
 from testbed.check.kernel_log import CHECK as KERNEL_LOG
-from testbed.check.model import ScenarioResult
-from testbed.check.rpal import CHECKS
-from testbed.errors import TestbedError, UsageError
+from testbed.check.model import CheckInfo, ScenarioResult, Status
+from testbed.designs import DEFAULT_DESIGN, Design, get_design
+from testbed.errors import UsageError
 from testbed.progress import Progress
 from testbed.report.common import RunMeta
 from testbed.runner import (
@@ -31,9 +31,15 @@ from testbed.runner import (
     parse_modes,
     run_all,
 )
-from testbed.scenarios import BUGS, SCENARIOS, select
 
-DEFAULT_SERIES = "rpal-ref"
+
+def _design(args: argparse.Namespace) -> Design:
+    return get_design(getattr(args, "design", DEFAULT_DESIGN))
+
+
+def all_checks(design: Design) -> dict[str, CheckInfo]:
+    """The design's checks and the design-independent kernel_log check."""
+    return {**design.checks, KERNEL_LOG.name: KERNEL_LOG}
 
 
 def guest_spec(args: argparse.Namespace) -> tuple[GuestSpec, dict[str, float]]:
@@ -45,7 +51,7 @@ def guest_spec(args: argparse.Namespace) -> tuple[GuestSpec, dict[str, float]]:
     else:
         from testbed.build.kernel import build_kernel
 
-        kernel = build_kernel(series=DEFAULT_SERIES).bzimage
+        kernel = build_kernel(series=_design(args).kernel_series).bzimage
     timings["kernel"] = round(time.monotonic() - t0, 2)
     info = inspect_kernel(kernel)
     t0 = time.monotonic()
@@ -82,9 +88,10 @@ def check_usage(args: argparse.Namespace) -> None:
 
 
 def _meta(spec: GuestSpec, bugs: tuple[str, ...], started: float, timings: dict[str, float],
-          results: list[ScenarioResult], modes: tuple[Mode, ...]) -> RunMeta:
-    osrel = next((s["kernel"]["osrelease"] for r in results for s in r.snapshots.values()), "")
+          results: list[ScenarioResult], modes: tuple[Mode, ...], design: Design) -> RunMeta:
+    osrel = next((s.kernel.osrelease for r in results for s in r.snapshots.values()), "")
     return RunMeta(
+        design=design.name, title=design.title, checks=all_checks(design),
         kernel=str(spec.kernel), osrelease=osrel, bugs=bugs, accel=spec.accel.describe(),
         started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         seconds=round(time.time() - started, 1), timings=timings,
@@ -101,12 +108,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     terminate_on_signals()
     started = time.time()
     check_usage(args)
-    scenarios = select(args.scenario)
+    design = _design(args)
+    scenarios = design.select(args.scenario)
     modes = run_modes(args)
     bugs = tuple(args.bug or ())
-    unknown = [b for b in bugs if b not in BUGS]
-    if unknown:
-        raise TestbedError(f"unknown bug {', '.join(unknown)}: choose from {', '.join(BUGS)}")
+    design.check_bugs(bugs)
     spec, timings = guest_spec(args)
     parent = args.run_dir or paths.new_run_dir("run")
     parent.mkdir(parents=True, exist_ok=True)
@@ -118,7 +124,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     results = run_all(jobs, spec, parent, args.parallel)
     timings["scenarios"] = round(time.monotonic() - t0, 2)
     prog.done()
-    meta = _meta(spec, bugs, started, timings, results, modes)
+    meta = _meta(spec, bugs, started, timings, results, modes, design)
     print_summary(results, meta)
     outputs = {"junit": args.junit, "json": args.json, "html": args.html}
     for kind, path in outputs.items():
@@ -130,26 +136,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if all(r.passed for r in results) else 1
 
 
-ALL_CHECKS = {**CHECKS, KERNEL_LOG.name: KERNEL_LOG}
-
-
 def matrix_rows(per_bug: dict[str, list[list[ScenarioResult]]], checks: list[str],
-                *, every_bug_must_show: bool = True) -> tuple[list[dict[str, Any]], list[str]]:
+                *, every_bug_must_show: bool = True, infos: dict[str, CheckInfo] | None = None
+                ) -> tuple[list[dict[str, Any]], list[str]]:
     """Cells of the matrix and the problems (false alarms, uncaught bugs). Pure.
 
     Without `every_bug_must_show` (some of the scenarios, every bug) an uncaught
     bug is reported in its row but is not a problem: those scenarios may not
     exercise it.
     """
+    infos = infos if infos is not None else all_checks(get_design())
     rows, problems = [], []
     for bug, reps in per_bug.items():
         failed = [set().union(*(r.failed_checks() for r in rep)) for rep in reps]
+        # a bug is caught by a check's *fail*: an error (could not judge, not exercised,
+        # e.g. a workload that crashed before its checkpoints) shows as ERR, catches nothing
+        fails = [set().union(*(r.checks_with(Status.FAIL) for r in rep)) for rep in reps]
         cells = {}
         for c in checks:
-            n = sum(c in f for f in failed)
-            named = "*" if bug and bug in ALL_CHECKS[c].bugs else ""
+            n = sum(c in f for f in fails)
+            e = sum(c in f and c not in g for f, g in zip(failed, fails, strict=True))
+            named = "*" if bug and c in infos and bug in infos[c].bugs else ""
             cells[c] = (f"FAIL{named}" if n == len(reps) else f"FAIL {n}/{len(reps)}{named}"
-                        if n else ("-" + named if named else "-"))
+                        if n else f"ERR{named}" if e == len(reps) else
+                        f"ERR {e}/{len(reps)}{named}" if e else ("-" + named if named else "-"))
         other = sorted(set().union(*failed) - set(checks))
         if not bug:
             bad = sorted(set().union(*failed))
@@ -157,7 +167,8 @@ def matrix_rows(per_bug: dict[str, list[list[ScenarioResult]]], checks: list[str
             if bad:
                 problems.append(f"the correct kernel failed {', '.join(bad)}")
         else:
-            caught = all(any(c in f and bug in ALL_CHECKS[c].bugs for c in checks) for f in failed)
+            caught = all(any(c in f and c in infos and bug in infos[c].bugs for c in checks)
+                         for f in fails)
             if caught:
                 verdict = "caught"
             elif every_bug_must_show:
@@ -177,9 +188,10 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     terminate_on_signals()
     started = time.time()
     check_usage(args)
-    scenarios = select(args.scenario)
+    design = _design(args)
+    scenarios = design.select(args.scenario)
     modes = run_modes(args)
-    bugs = [""] + list(args.bug or BUGS)
+    bugs = [""] + list(args.bug or design.bugs)
     spec, timings = guest_spec(args)
     parent = args.run_dir or paths.new_run_dir("matrix")
     parent.mkdir(parents=True, exist_ok=True)
@@ -196,10 +208,11 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         for b in bugs:
             per_bug[b].append(results[i:i + len(runs)])
             i += len(runs)
-    checks = [*CHECKS, KERNEL_LOG.name]
+    infos = all_checks(design)
+    checks = list(infos)
     # every bug must show when all scenarios ran, or when the bugs were chosen by name
-    must_show = bool(args.bug) or len(scenarios) == len(SCENARIOS)
-    rows, problems = matrix_rows(per_bug, checks, every_bug_must_show=must_show)
+    must_show = bool(args.bug) or len(scenarios) == len(design.scenarios)
+    rows, problems = matrix_rows(per_bug, checks, every_bug_must_show=must_show, infos=infos)
     text = text_env().get_template("matrix.txt.j2").render(
         rows=rows, checks=checks, repeat=args.repeat, ok=not problems, problems=problems,
         seconds=time.time() - started,
@@ -220,11 +233,13 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("scenario", nargs="*", help=f"scenarios (default all: {', '.join(SCENARIOS)})")
+    design = get_design(DEFAULT_DESIGN)
+    p.add_argument("scenario", nargs="*",
+                   help=f"scenarios (default all: {', '.join(design.scenarios)})")
     p.add_argument("--kernel", type=Path,
                    help=f"bzImage with vmlinux or System.map beside it, or a cached build's "
                         f"key (default: the "
-                        f"{DEFAULT_SERIES} reference kernel, built or from the cache)")
+                        f"{design.kernel_series} reference kernel, built or from the cache)")
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
     p.add_argument("--modes", metavar="M,M",
                    help=f"paging modes to run the scenarios in, of {', '.join(MODES)} "
@@ -237,8 +252,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parallel", type=int, default=default_parallel(), metavar="N",
                    help="guests at a time (default: host CPUs / 2, at most 4)")
     p.add_argument("--run-dir", type=Path, help="parent folder of the scenarios' run folders")
-    p.add_argument("--bug", action="append", choices=BUGS, metavar="NAME",
-                   help=f"boot with this injected bug (repeatable): {', '.join(BUGS)}")
+    p.add_argument("--bug", action="append", choices=design.bugs, metavar="NAME",
+                   help=f"boot with this injected bug (repeatable): {', '.join(design.bugs)}")
     p.add_argument("--json", type=Path, metavar="FILE", help="JSON report")
 
 

@@ -22,13 +22,11 @@ from testbed import paths
 from testbed.boot.hostcaps import Accel
 from testbed.boot.machine import Checkpoint, Machine, MachineConfig
 from testbed.check.kernel_log import check_kernel_log
-from testbed.check.model import Finding, ScenarioResult
-from testbed.check.output import parse_workload_output
-from testbed.check.rpal import check_snapshots
+from testbed.check.model import Finding, ScenarioResult, Status, missing_checks
+from testbed.designs import Design, Scenario, get_design
 from testbed.errors import TestbedError, UsageError
-from testbed.scenarios import Scenario
 from testbed.snapshot.live import LiveSnapshotter, write_snapshot
-from testbed.snapshot.snapshot import Trigger
+from testbed.snapshot.model import Snapshot, Trigger
 
 WORKLOAD_TIMEOUT = 300.0
 
@@ -70,7 +68,7 @@ def check_append(text: str) -> str:
     """The user's extra kernel command line, refused when it would swallow what follows.
 
     The kernel's parser lets a double quote run to the end of the line, so an odd
-    number of quotes would hide `rpal.bug=` and everything after it; a control
+    number of quotes would hide the bug parameter (`rpal.bug=`) and everything after it; a control
     character (newline) has no place on a command line either.
     """
     if text.count('"') % 2:
@@ -117,30 +115,30 @@ def split_output(text: str, count: int) -> list[tuple[str, int | None]]:
     return out
 
 
-def kernel_append(spec: GuestSpec, bugs: tuple[str, ...]) -> str:
-    """The extra kernel command line of a scenario's guest: rpal.bug=, then the spec's.
+def kernel_append(spec: GuestSpec, bugs: tuple[str, ...], design: Design) -> str:
+    """The extra kernel command line of a scenario's guest: the design's bug parameter
+    (e.g. rpal.bug=), then the spec's.
 
-    rpal.bug= goes first so that nothing the user appends can hide it; the runner
-    still reads back the bugs in effect after boot (bugs_in_effect).
+    The bug parameter goes first so that nothing the user appends can hide it; the
+    runner still reads back the bugs in effect after boot (bugs_in_effect).
     """
-    return " ".join(x for x in (f"rpal.bug={','.join(bugs)}" if bugs else "", spec.append) if x)
-
-
-BUG_PARAM = "/sys/module/rpal/parameters/bug"
+    return " ".join(x for x in (design.bug_append(bugs), spec.append) if x)
 
 
 def parse_bug_param(text: str) -> tuple[str, ...]:
-    """The contents of /sys/module/rpal/parameters/bug ("none" or "a,b") as sorted names."""
+    """The contents of a bug parameter's sysfs file ("none" or "a,b") as sorted names."""
     names = [n for n in text.strip().split(",") if n and n != "none"]
     return tuple(sorted(names))
 
 
-def bugs_in_effect(m: Machine) -> tuple[str, ...]:
+def bugs_in_effect(m: Machine, design: Design) -> tuple[str, ...]:
     """The injected bugs the guest kernel really runs with, read from sysfs."""
-    res = m.run(f"cat {BUG_PARAM}", timeout=30, label="read the bugs in effect")
+    path = design.bug_sysfs
+    res = m.run(f"cat {path}", timeout=30, label="read the bugs in effect")
     if res.status != 0:
-        raise TestbedError(f"cannot read {BUG_PARAM} in the guest (status {res.status}): "
-                           "is this an RPAL reference kernel?", run_dir=m.run_dir)
+        raise TestbedError(f"cannot read {path} in the guest (status {res.status}): "
+                           f"is this a {design.kernel_series} reference kernel?",
+                           run_dir=m.run_dir)
     return parse_bug_param(res.stdout.decode(errors="replace")[:4096])
 
 
@@ -166,7 +164,7 @@ def reproduce_commands(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...]
         run += ["--bug", b]
     if spec.append:
         run += ["--append", spec.append]
-    append = kernel_append(spec, bugs)
+    append = kernel_append(spec, bugs, get_design(sc.design))
     boot = [prog, "boot", *guest, "--smp", str(sc.smp), "--mem", str(spec.mem_mib)]
     if append:
         boot += ["--append", append]
@@ -210,15 +208,16 @@ def run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], parent: P
     name = f"{sc.name}@{mode.name}" if mode is not None else sc.name
     tag = "+".join(bugs) if bugs else "nobug"
     run_dir = paths.new_run_dir(f"{name.replace('@', '-')}-{tag}", parent)
-    append = kernel_append(spec, bugs)
+    design = get_design(sc.design)
+    append = kernel_append(spec, bugs, design)
     cfg = MachineConfig(
         kernel=spec.kernel, initrd=spec.initrd, accel=spec.accel, smp=sc.smp,
         mem_mib=spec.mem_mib, paging=spec.paging, pti=spec.pti, append=append,
         boot_timeout=spec.boot_timeout,
     )
-    result = ScenarioResult(name, [], str(run_dir), bugs)
+    result = ScenarioResult(name, [], str(run_dir), bugs, design=design.name)
     try:
-        _run_scenario(sc, spec, bugs, run_dir, cfg, result)
+        _run_scenario(sc, spec, bugs, run_dir, cfg, result, design)
     finally:
         result.seconds = round(time.monotonic() - t0, 2)
         (run_dir / "findings.json").write_text(
@@ -227,37 +226,36 @@ def run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], parent: P
     return result
 
 
-def _check_bugs(m: Machine, bugs: tuple[str, ...]) -> None:
+def _check_bugs(m: Machine, bugs: tuple[str, ...], design: Design) -> None:
     """Stop unless the guest kernel runs with exactly the injected bugs asked for."""
-    got = bugs_in_effect(m)
+    got = bugs_in_effect(m, design)
     if got != tuple(sorted(bugs)):
         raise TestbedError(
             f"the guest kernel runs with injected bugs {', '.join(got) or 'none'}, not the "
             f"bugs asked for ({', '.join(sorted(bugs)) or 'none'}): check --append and the "
-            "kernel's rpal.bug= names", run_dir=m.run_dir)
+            f"kernel's {design.bug_param}= names", run_dir=m.run_dir)
 
 
 def _run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], run_dir: Path,
-                  cfg: MachineConfig, result: ScenarioResult) -> None:
+                  cfg: MachineConfig, result: ScenarioResult, design: Design) -> None:
     name = result.scenario
     result.reproduce = str(write_reproducer(run_dir, sc, spec, bugs))
-    snapshots: list[dict[str, Any]] = []
+    snapshots: list[Snapshot] = []
+    outputs: list[tuple[str, str, int | None]] = []
     snapper: LiveSnapshotter | None = None
-    if sc.explore_seconds:
-        from testbed.designs.rpal.explore.scenario import run_explore_scenario
-
-        run_explore_scenario(sc.explore_seconds, sc.checks, spec, bugs, run_dir, result,
-                             time.monotonic())
+    special = design.extra.get("scenario_runners", {}).get(sc.name)
+    if special is not None:  # a scenario the design runs its own way (RPAL: explore)
+        special(sc, spec, bugs, run_dir, result)
         return
     machine = None
     try:
         machine = Machine(cfg, run_dir)
         if sc.selftest:
-            _run_selftest(sc, machine, result, bugs)
+            _run_selftest(sc, machine, result, bugs, design)
             return
         with machine as m:
             assert m.qmp is not None
-            _check_bugs(m, bugs)
+            _check_bugs(m, bugs, design)
             snapper = LiveSnapshotter(m.qmp, m.ram_path, spec.kernel)
 
             def on_checkpoint(ck: Checkpoint) -> None:
@@ -272,13 +270,12 @@ def _run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], run_dir:
             result.output = text
             for w, (out, status) in zip(sc.workloads, split_output(text, len(sc.workloads)),
                                         strict=True):
-                result.findings += parse_workload_output(out, scenario=name,
-                                                         workload=w.split()[0], status=status)
+                outputs.append((w.split()[0], out, status))
             for entry in m.checkpoint_log:
                 if "error" in entry:
                     result.findings.append(Finding(
-                        "snapshot", False, f"snapshot at {entry.get('name')} failed: "
-                        f"{entry['error']}", name, str(entry.get("name", "")), error=True,
+                        "snapshot", Status.ERROR, f"snapshot at {entry.get('name')} failed: "
+                        f"{entry['error']}", name, str(entry.get("name", "")),
                     ))
     except TestbedError as exc:
         result.error = exc.one_line()
@@ -287,8 +284,10 @@ def _run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], run_dir:
             snapper.close()
         if machine is not None:
             result.findings += kernel_log_findings(machine.console_log, name)
-    result.findings += check_snapshots(snapshots, name)
-    result.snapshots = {s["name"]: s for s in snapshots}
+    result.findings += design.judge(snapshots, replace(sc, name=name), outputs)
+    if not result.error:
+        result.findings += missing_checks(sc.checks, result.findings, scenario=name)
+    result.snapshots = {s.name: s for s in snapshots}
 
 
 CONSOLE_SCAN_LIMIT = 32 << 20  # bytes of a console log the kernel_log check reads
@@ -310,7 +309,7 @@ def kernel_log_findings(console_log: Path, scenario: str) -> list[Finding]:
 
 
 def _run_selftest(sc: Scenario, machine: Machine, result: ScenarioResult,
-                  bugs: tuple[str, ...]) -> None:
+                  bugs: tuple[str, ...], design: Design) -> None:
     from testbed.build.selftests import build_selftest
     from testbed.check.selftests import put_in_image, run_selftest
 
@@ -319,7 +318,7 @@ def _run_selftest(sc: Scenario, machine: Machine, result: ScenarioResult,
     put_in_image(machine, st)
     try:
         with machine as m:
-            _check_bugs(m, bugs)
+            _check_bugs(m, bugs, design)
             sub = run_selftest(m, st)
     except TestbedError as exc:
         result.error = exc.one_line()
@@ -327,6 +326,9 @@ def _run_selftest(sc: Scenario, machine: Machine, result: ScenarioResult,
         result.findings = [replace(f, scenario=result.scenario) for f in sub.findings]
         result.output = sub.output
         result.error = sub.error
+        if not result.error:
+            result.findings += missing_checks(sc.checks, result.findings,
+                                              scenario=result.scenario)
 
 
 Job = tuple[Scenario, tuple[str, ...], "Mode | None"]

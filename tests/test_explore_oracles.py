@@ -2,33 +2,52 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
+import synth
+
+from testbed.check.model import Status
 from testbed.designs.rpal.explore import oracles
 from testbed.designs.rpal.explore.model import UNKNOWN, Model, Prediction, service_pkru
 from testbed.designs.rpal.explore.steps import Answer, Step
+from testbed.snapshot.model import Snapshot
 
 
-def model_ab() -> Model:
+def model_ab(pkeys: tuple[int, int] = (0, 1), pids: tuple[int, int] = (100, 101)) -> Model:
     m = Model()
     for i, n in enumerate("ab"):
-        m.apply(Step("spawn", n), Answer("ok", {"pid": str(100 + i), "id": str(i),
+        m.apply(Step("spawn", n), Answer("ok", {"pid": str(pids[i]), "id": str(i),
                                                "key": str(i + 1)}), 0.0)
-        m.apply(Step("enable", n, {"pkey": i}), Answer("ok", {"pkey": str(i)}), 0.0)
+        m.apply(Step("enable", n, {"pkey": pkeys[i]}), Answer("ok", {"pkey": str(pkeys[i])}),
+                0.0)
     m.apply(Step("request", "a", {"key_of": "b"}), Answer("ok", {"ret": "0"}), 0.0)
     m.apply(Step("request", "b", {"key_of": "a"}), Answer("ok", {"ret": "1"}), 0.0)
     return m
 
 
-def snap(gens: dict[int, int], pkru: dict[int, int]) -> dict[str, Any]:
-    return {
-        "tasks": [{"pid": p, "tgid": p, "pkru": hex(v), "pkru_source": "thread.pkru"}
-                  for p, v in pkru.items()],
-        "mms": [{"address": hex(0x1000 * p), "tasks": [p], "tlb_gen": g, "cpumask": [0]}
-                for p, g in gens.items()],
-        "cpus": [],
-    }
+def snap(gens: dict[int, int], pkru: dict[int, int]) -> Snapshot:
+    base = synth.rpal_snapshot()
+    return replace(
+        base,
+        tasks=tuple(synth.task(p, "svc", 0x1000 * p, pkru=v) for p, v in pkru.items()),
+        mms=tuple(synth.mm(0x1000 * p, (p,), (), tlb_gen=g) for p, g in gens.items()),
+        cpus=())
+
+
+def test_snapshot_checks_with_facts_from_the_model() -> None:
+    m = model_ab(pkeys=(1, 2), pids=(101, 102))  # what synth.rpal_snapshot shows
+    good = oracles.snapshot_findings(synth.rpal_snapshot(), m, 5)
+    assert good and all(f.passed or f.status is Status.SKIP for f in good), \
+        [f.message for f in good if f.bad]
+    assert {"slot_copies", "keys", "pkru", "slot_confinement", "claims"} <= \
+        {f.check for f in good}
+    wrong = oracles.snapshot_findings(synth.rpal_snapshot(a_copy=synth.A_TABLE), m, 5)
+    assert "slot_copies" in {f.check for f in wrong if f.bad}
+    # the model says they were released: the copies in the snapshot are wrong now
+    m.apply(Step("release", "a", {"key_of": "b"}), Answer("ok"), 0.0)
+    left = oracles.snapshot_findings(synth.rpal_snapshot(), m, 6)
+    assert "slot_copies" in {f.check for f in left if f.bad}
 
 
 def test_pkru_of_every_known_thread() -> None:

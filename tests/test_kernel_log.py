@@ -44,7 +44,7 @@ def test_clean_console_passes() -> None:
 def test_each_report_format_fails(kind: str, line: str) -> None:
     text = CLEAN + line + "\n[    5.1] Call Trace:\n[    5.1]  <TASK>\n"
     (f,) = check_kernel_log(text, scenario="pair")
-    assert not f.passed and not f.error
+    assert f.status == "fail" and f.source == "host"
     assert f.evidence["alarms"][0]["kind"] == kind
     assert f.evidence["lines"][0] == line.split("] ", 1)[1]
     assert "Call Trace:" in f.evidence["alarms"][0]["context"]

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from testbed.boot.hostcaps import Accel
+from testbed.designs import get_design
 from testbed.errors import UsageError
 from testbed.runner import (
     DEFAULT_MODES,
@@ -20,9 +21,10 @@ from testbed.runner import (
     parse_modes,
     write_reproducer,
 )
-from testbed.scenarios import SCENARIOS
 
 from conftest import run_testbed
+
+SCENARIOS = get_design("rpal").scenarios
 
 SPEC = GuestSpec(kernel=Path("/k/bzImage"), initrd=Path("/i.cpio"),
                  accel=Accel("tcg", "max", "test"), paging=4, pti="on", append="quiet")
@@ -54,9 +56,10 @@ def test_balanced_quotes_and_plain_text_are_accepted() -> None:
 
 
 def test_the_bug_switch_comes_before_what_the_user_appends() -> None:
-    append = kernel_append(replace(SPEC, append='x="y"'), ("skip_peer_flush",))
+    rpal = get_design("rpal")
+    append = kernel_append(replace(SPEC, append='x="y"'), ("skip_peer_flush",), rpal)
     assert append.startswith("rpal.bug=skip_peer_flush ")
-    assert kernel_append(replace(SPEC, append=""), ()) == ""
+    assert kernel_append(replace(SPEC, append=""), (), rpal) == ""
 
 
 @pytest.mark.parametrize(("text", "bugs"), [

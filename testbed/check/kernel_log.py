@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from testbed.check.model import CheckInfo, Finding
+from testbed.check.model import CheckInfo, Finding, Status
 
 CHECK = CheckInfo(
     "kernel_log", "Kernel log",
@@ -88,18 +88,19 @@ def check_kernel_log(text: str | None, *, scenario: str, checkpoint: str = "cons
                      why_missing: str = "") -> Iterator[Finding]:
     """One finding: pass when the console is clean, fail with the lines, error when unread."""
     if text is None:
-        yield Finding(CHECK.name, False, f"console log not readable: {why_missing or 'missing'}",
-                      scenario, checkpoint, error=True)
+        yield Finding(CHECK.name, Status.ERROR,
+                      f"console log not readable: {why_missing or 'missing'}",
+                      scenario, checkpoint)
         return
     alarms, count = scan_alarms(text)
     if not alarms:
-        yield Finding(CHECK.name, True,
+        yield Finding(CHECK.name, Status.PASS,
                       f"no kernel alarm in {len(text.splitlines())} console lines",
                       scenario, checkpoint, "kernel")
         return
     kinds = sorted({a.kind for a in alarms})
     yield Finding(
-        CHECK.name, False,
+        CHECK.name, Status.FAIL,
         f"{count} kernel alarm line(s) ({', '.join(kinds)}); first: {alarms[0].line}",
         scenario, checkpoint, "kernel",
         evidence={"count": count, "lines": [a.line for a in alarms],

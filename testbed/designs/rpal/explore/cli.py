@@ -153,11 +153,11 @@ def cmd_explore(args: argparse.Namespace) -> int:
         jpath, spath = driver.write_failure(run_dir, 1, failure, meta_f,
                                             _replay_cmd(args, spec.kernel))
         res.failure_files = [jpath, spath]
-        findings = [f for f in failure.findings if not f.passed or f.error]
+        findings = [f for f in failure.findings if f.bad]
     else:
-        findings = [Finding("explore", True,
-                            f"{res.steps} judged steps in {res.examples} sequences, no check "
-                            "failed", "explore", "", "")]
+        findings = [Finding.verdict(
+            check, True, f"{n} judgments passed in {res.steps} steps of {res.examples} "
+            "sequences", scenario="explore") for check, n in res.judged.items()]
     result = ScenarioResult("explore" if steps_to_replay is None else "explore-replay",
                             findings, str(run_dir), bugs, seconds=res.seconds)
     summary = {

@@ -50,7 +50,7 @@ class Failure:
             "steps": [s.to_json() for s in self.steps],
             "trace": [{"step": r.step.text(), "sent": r.sent, "answer": r.answer,
                        "expect": r.expect, "check": r.check} for r in self.trace],
-            "findings": [f.to_dict() for f in self.findings if not f.passed or f.error],
+            "findings": [f.to_dict() for f in self.findings if f.bad],
         }
 
 

@@ -6,7 +6,8 @@ import json
 import time
 from pathlib import Path
 
-from testbed.check.model import Finding, ScenarioResult
+from testbed.check.model import Finding, ScenarioResult, Status
+from testbed.designs import Scenario
 from testbed.designs.rpal.explore import driver
 from testbed.designs.rpal.explore.choices import REFERENCE_CHOICES
 from testbed.designs.rpal.explore.guest import explore_guest
@@ -19,9 +20,17 @@ STEPS = 20
 SERVICES = 4
 
 
-def run_explore_scenario(seconds: float, declared: tuple[str, ...], spec: GuestSpec,
-                         bugs: tuple[str, ...], run_dir: Path, result: ScenarioResult,
-                         t0: float) -> ScenarioResult:
+SECONDS = 60.0
+
+
+def run_explore_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], run_dir: Path,
+                         result: ScenarioResult) -> None:
+    """`testbed run`'s scenario explore (Design.extra["scenario_runners"])."""
+    _run(SECONDS, sc.checks, spec, bugs, run_dir, result, time.monotonic())
+
+
+def _run(seconds: float, declared: tuple[str, ...], spec: GuestSpec, bugs: tuple[str, ...],
+         run_dir: Path, result: ScenarioResult, t0: float) -> ScenarioResult:
     try:
         with explore_guest(spec, bugs, run_dir, REFERENCE_CHOICES) as rig:
             session = Session(rig.agent, snapshotter=rig.snapshotter, console=rig.console)
@@ -35,10 +44,11 @@ def run_explore_scenario(seconds: float, declared: tuple[str, ...], spec: GuestS
         for check in declared:
             n = res.judged.get(check, 0)
             result.findings.append(Finding(
-                check, bool(n), f"{n} judgments passed in {res.steps} steps of "
+                check, Status.PASS if n else Status.ERROR,
+                f"{n} judgments passed in {res.steps} steps of "
                 f"{res.examples} sequences (seed {SEED})" if n else
                 f"not exercised in {res.steps} steps of {res.examples} sequences (seed {SEED})",
-                result.scenario, error=not n))
+                result.scenario))
     else:
         f = res.failure
         cmd = [_testbed_program(), "explore", "--kernel", str(spec.kernel), "--accel",
@@ -50,11 +60,10 @@ def run_explore_scenario(seconds: float, declared: tuple[str, ...], spec: GuestS
         jpath, spath = driver.write_failure(run_dir, 1, f, meta, cmd)
         result.reproduce = str(spath)
         for x in f.findings:
-            if not x.passed or x.error:
+            if x.bad:
                 result.findings.append(Finding(
-                    x.check, x.passed, f"{x.message} [{len(f.steps)}-step sequence in "
-                    f"{jpath.name}]", result.scenario, x.checkpoint, x.subject, x.evidence,
-                    x.error))
+                    x.check, x.status, f"{x.message} [{len(f.steps)}-step sequence in "
+                    f"{jpath.name}]", result.scenario, x.checkpoint, x.subject, x.evidence))
     (run_dir / "explore.json").write_text(json.dumps({
         "seed": SEED, "examples": res.examples, "steps": res.steps, "seconds": res.seconds,
         "judged": res.judged,

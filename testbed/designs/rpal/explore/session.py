@@ -353,9 +353,9 @@ class Session:
         if verdict is True:
             self.judged[pred.expect.check] += 1
         for f in findings:
-            if f.passed and not f.error:
+            if f.passed:
                 self.judged[f.check] += 1
-        bad = sorted((f for f in findings if not f.passed or f.error), key=_rank)
+        bad = sorted((f for f in findings if f.bad), key=_rank)
         if bad:
             rec.check = bad[0].check
             raise failure_type(bad[0].check)(index, step, bad)
