@@ -15,6 +15,7 @@ from testbed.designs.rpal.checks import CHECKS, judge
 from testbed.designs.rpal.output import OUTPUT_CHECKS
 from testbed.designs.rpal.scenarios import SCENARIOS
 
+
 def _run_explore(*args: Any) -> None:
     """The scenario explore: a bounded `testbed explore` (imported when it runs)."""
     from testbed.designs.rpal.explore.scenario import run_explore_scenario

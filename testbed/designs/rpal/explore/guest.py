@@ -7,15 +7,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from testbed.boot.machine import Machine, MachineConfig
+from testbed.designs.rpal import DESIGN
 from testbed.designs.rpal.agent import AGENT_PORT, Agent, start_agent
 from testbed.designs.rpal.explore import oracles
 from testbed.designs.rpal.explore.choices import Choices
 from testbed.errors import GuestError
-from testbed.runner import GuestSpec, kernel_append
+from testbed.runner import GuestSpec, _check_bugs, kernel_append
 from testbed.snapshot.live import LiveSnapshotter
+from testbed.snapshot.model import Snapshot
 
 DELAY_PARAM = "/sys/module/rpal/parameters/id_free_delay_ms"
 
@@ -26,7 +27,7 @@ class _Snap:
     def __init__(self, live: LiveSnapshotter) -> None:
         self.live = live
 
-    def capture(self, name: str = "") -> dict[str, Any]:
+    def capture(self, name: str = "") -> Snapshot:
         for attempt in range(3):
             try:
                 return self.live.capture(name)
@@ -66,11 +67,12 @@ def explore_guest(spec: GuestSpec, bugs: tuple[str, ...], run_dir: Path, choices
     cfg = MachineConfig(
         kernel=spec.kernel, initrd=spec.initrd, accel=spec.accel, smp=smp,
         mem_mib=spec.mem_mib, paging=spec.paging, pti=spec.pti,
-        append=kernel_append(spec, bugs), boot_timeout=spec.boot_timeout,
+        append=kernel_append(spec, bugs, DESIGN), boot_timeout=spec.boot_timeout,
         serial_ports=(AGENT_PORT,),
     )
     live: LiveSnapshotter | None = None
     with Machine(cfg, run_dir) as m:
+        _check_bugs(m, bugs, DESIGN)
         agent = start_agent(m)
         try:
             if choices.id_free_delay_ms is not None:

@@ -22,6 +22,7 @@ from testbed.designs.rpal.explore.choices import REFERENCE_CHOICES, Choices
 from testbed.designs.rpal.explore.model import PAGE, Model, Prediction, World
 from testbed.designs.rpal.explore.steps import Agent, AnswerLike, Step
 from testbed.errors import TestbedError
+from testbed.snapshot.model import Snapshot
 
 # A spinner read completes after `arm` without proof of a stale translation once: the
 # load may have happened before the flush and its count after. Two after-arm reads are
@@ -86,7 +87,7 @@ class Session:
         self.world = World()
         self.model = Model(choices, self.world)
         self.trace: list[Record] = []
-        self.last_snap: dict[str, Any] | None = None
+        self.last_snap: Snapshot | None = None
         self.steps_done = 0
         self.snapshots = 0
         self.seconds_snapshot = 0.0
