@@ -126,7 +126,7 @@ class FakeAgent:
                 self.brk[key] = new
                 f.update(old=hex(old), new=hex(new))
             elif op == "mremap":
-                f["addr"] = hex(int(args["addr"]))
+                f["addr"] = hex(int(args.get("fixed", args["addr"])))
             elif op == "fork":
                 self.pid += 1
                 f["child"] = str(self.pid)

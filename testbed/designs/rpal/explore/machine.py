@@ -217,7 +217,7 @@ def make_machine(session: Session, services: int) -> type[RuleBasedStateMachine]
             if op == "pkey_mprotect":
                 args["pkey"] = data.draw(st.sampled_from([-1, 0, 1, 5, 15]), label="pkey")
             if op == "mremap":
-                args["how"] = data.draw(st.sampled_from(["grow", "shrink"]), label="how")
+                args["how"] = data.draw(st.sampled_from(["grow", "shrink", "move"]), label="how")
             if op == "madvise":
                 args["advice"] = data.draw(st.sampled_from(["dontneed", "pageout"]),
                                            label="advice")

@@ -554,8 +554,17 @@ class Model:
         # shrinking cuts a spinner on the last page; growing may move the region (a spinner
         # the model then loses is stopped, not judged: the old address may stay mapped)
         cut = [(name, "gone") for name, page in self._spinners_on(r)
-               if how == "shrink" and page >= r.pages - 1]
+               if how == "shrink" and page >= r.pages - 1 or how == "move"]
+        if how == "move":
+            return Prediction(Expect("result", (ok(addr=self.move_target(r)),)), cutoff=cut)
         return Prediction(Expect("result", (ok(),)), cutoff=cut)
+
+    def move_target(self, r: Region) -> int:
+        """Where mremap(MREMAP_FIXED) moves a region: a free spot of its owner's slot (the
+        middle of the slot, which nothing else uses), a different one for each move."""
+        s = self.svcs[r.owner]
+        self._moves = getattr(self, "_moves", 0)
+        return (s.slot << SLOT_SHIFT) + (1 << 38) + (self._moves + 1) * 0x20_0000
 
     def _p_madvise(self, step: Step, now: float) -> Prediction:
         r = self._own_region(step)
@@ -839,6 +848,8 @@ class Model:
         elif how == "grow":
             r.pages += 1
             r.values = r.values + [0]
+        elif how == "move":
+            self._moves = getattr(self, "_moves", 0) + 1
         if addr != r.addr:
             self._stop_spinners_on(r)
         r.addr = addr

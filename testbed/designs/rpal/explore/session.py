@@ -205,8 +205,11 @@ class Session:
                 out["pkey"] = int(a["pkey"])
         elif op == "mremap":
             how = a.get("how", "grow")
-            new = length + PAGE if how == "grow" else length - PAGE
+            new = length + PAGE if how == "grow" else length - PAGE if how == "shrink" \
+                else length
             out.update(addr=r.addr, old=length, new=new, maymove=1)
+            if how == "move":
+                out["fixed"] = m.move_target(r)
         else:
             return None
         return out
