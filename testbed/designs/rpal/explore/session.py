@@ -428,8 +428,8 @@ class Session:
 # evidence of the broken invariant first (the kernel's answer, when the model names a
 # specific invariant for it; then what the page tables, keys and PKRU show), the
 # consequences last (a stale read follows from a copy left behind; a WARNING from either).
-_RANK = {"slot_copies": 1, "keys": 1, "pkru": 1, "slot_confinement": 1, "ids": 1,
-         "peer_limit": 1, "faults": 1, "isolation": 1, "exit": 2, "tlb_state": 3,
+_RANK = {"slot_copies": 1, "keys": 1, "pkru": 1, "ids": 1, "peer_limit": 1, "faults": 1,
+         "isolation": 1, "slot_confinement": 2, "claims": 2, "exit": 2, "tlb_state": 3,
          "tlb_shootdown": 4, "result": 5, "kernel_log": 6}
 
 
