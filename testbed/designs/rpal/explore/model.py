@@ -113,6 +113,10 @@ class Expect:
     check: str
     outcomes: tuple[Outcome, ...] | None  # None: the model cannot know; not judged
     why: str = ""
+    fault_check: str | None = None  # the check a wrong *fault* fails, if not `check`
+
+    def check_for(self, a: AnswerLike) -> str:
+        return self.fault_check if self.fault_check and a.kind == "fault" else self.check
 
     def judge(self, a: AnswerLike) -> bool | None:
         if self.outcomes is None:
@@ -508,9 +512,12 @@ class Model:
             outs.append(segv(SEGV_PKUERR, r.pkey))
         if not allowed_prot:
             outs.append(segv(SEGV_ACCERR))
+        # the access went through where the key denies it: isolation; it faulted, but not
+        # with the peer's pkey error: the fault was not served against the peer's mm
         return Prediction(Expect("isolation" if not allowed_key else "faults", tuple(outs),
                                  f"{a.name}'s PKRU denies {owner.name}'s pkey {r.pkey}"
-                                 if not allowed_key else "not permitted by the peer's prot"))
+                                 if not allowed_key else "not permitted by the peer's prot",
+                                 fault_check="faults"))
 
     def _p_munmap(self, step: Step, now: float) -> Prediction:
         r = self._own_region(step)
