@@ -113,6 +113,12 @@ class Session:
                 self.model._die(s, self.clock())
         self._wait_gone()
         self._wait_ids_free()
+        if not self.wait_ids:
+            # not waited for: an id held by the previous sequence may or may not be free
+            # now. Judging its reuse would blame this sequence for what the last one did
+            # (and not reproduce); early reuse is judged within a sequence.
+            for i in self.world.held:
+                self.world.held[i] = 0.0
         self.agent.events()
         self.model = Model(self.choices, self.world)
         self.trace = []
