@@ -324,6 +324,9 @@ def test_peer_access_table() -> None:
     assert e.judge(Answer("fault", {"sig": "11", "code": "4", "pkey": "1"}))
     assert not e.judge(Answer("fault", {"sig": "11", "code": "4", "pkey": "0"}))
     assert not e.judge(ans(value=0x1234))
+    assert e.check_for(ans(value=0x1234)) == "isolation"  # it went through
+    assert e.check_for(Answer("fault", {"sig": "11", "code": "2", "pkey": "-1"})) == "faults"
+    assert e.check_for(Answer("fault", {"sig": "11", "code": "4", "pkey": "0"})) == "keys"
     g.do("write", "a", ans(), region="r1", page=0, pkru="open", value=0x77)
     assert g.expect("read", "b", region="r1", page=0).expect.judge(ans(value=0x77))
     g.do("madvise", "b", ans(), region="r1", advice="dontneed")

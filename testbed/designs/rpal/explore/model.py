@@ -116,7 +116,15 @@ class Expect:
     fault_check: str | None = None  # the check a wrong *fault* fails, if not `check`
 
     def check_for(self, a: AnswerLike) -> str:
-        return self.fault_check if self.fault_check and a.kind == "fault" else self.check
+        """The check a mismatching answer fails. A pkey fault naming another pkey than the
+        expected one says the page carries the wrong key: keys."""
+        if a.kind != "fault" or not self.fault_check:
+            return self.check
+        wanted = {o.fields.get("pkey") for o in self.outcomes or () if o.kind == "fault"}
+        got = a.get_int("pkey")
+        if a.get_int("code") == SEGV_PKUERR and got not in (None, -1) and got not in wanted:
+            return "keys"
+        return self.fault_check
 
     def judge(self, a: AnswerLike) -> bool | None:
         if self.outcomes is None:
