@@ -114,10 +114,16 @@ class Expect:
     outcomes: tuple[Outcome, ...] | None  # None: the model cannot know; not judged
     why: str = ""
     fault_check: str | None = None  # the check a wrong *fault* fails, if not `check`
+    # the check a SIGSEGV death fails: an enabled service that dies on its own new memory
+    # (a thread's stack, an mmap, brk) touched memory its PKRU denies: the memory does not
+    # carry its pkey (or, less likely, its PKRU is wrong; the name is a best guess)
+    died_check: str | None = None
 
     def check_for(self, a: AnswerLike) -> str:
         """The check a mismatching answer fails. A pkey fault naming another pkey than the
         expected one says the page carries the wrong key: keys."""
+        if a.kind == "died" and self.died_check and a.get_int("sig") == SIGSEGV:
+            return self.died_check
         if a.kind != "fault" or not self.fault_check:
             return self.check
         wanted = {o.fields.get("pkey") for o in self.outcomes or () if o.kind == "fault"}
@@ -386,8 +392,13 @@ class Model:
         cut = self._cutoff_pair(s.name, t.name) if flush else []
         return Prediction(Expect("result", (ok(),)), flush, cut)
 
+    def _own_memory_op(self, step: Step) -> Prediction:
+        s = self.svc(step.svc)
+        enabled = bool(s and s.enabled)
+        return Prediction(Expect("result", (ok(),), died_check="keys" if enabled else None))
+
     def _p_thread(self, step: Step, now: float) -> Prediction:
-        return Prediction(Expect("result", (ok(),)))
+        return self._own_memory_op(step)
 
     def _p_threadpkru(self, step: Step, now: float) -> Prediction:
         s = self.svc(step.svc)
@@ -437,10 +448,10 @@ class Model:
         return r
 
     def _p_mmap(self, step: Step, now: float) -> Prediction:
-        return Prediction(Expect("result", (ok(),)))
+        return self._own_memory_op(step)
 
     def _p_brk(self, step: Step, now: float) -> Prediction:
-        return Prediction(Expect("result", (ok(),)))
+        return self._own_memory_op(step)
 
     def _p_touch(self, step: Step, now: float) -> Prediction:
         return self._access(step, write=True)
