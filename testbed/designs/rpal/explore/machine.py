@@ -62,10 +62,11 @@ def make_machine(session: Session, services: int) -> type[RuleBasedStateMachine]
             kind = data.draw(st.sampled_from(["explicit", "another's", "bad"]), label="kind")
             n = self.pick_live(data)
             assert n
-            others = sorted({x.pkey_now for x in self.s.model.live()
-                             if x.name != n and x.enabled})
+            others = sorted(x.name for x in self.s.model.live() if x.name != n and x.enabled)
             if kind == "another's" and others:
-                pkey = data.draw(st.sampled_from(others), label="pkey")
+                # symbolic: the same pkey as that service's on a replay too (ids differ)
+                self.do("enable", n, pkey_of=data.draw(st.sampled_from(others), label="like"))
+                return
             elif kind == "bad":
                 pkey = data.draw(st.sampled_from([16, -2, 100]), label="pkey")
             else:

@@ -278,6 +278,13 @@ class Model:
         out[s.pid] = s.main_pkru
         return out
 
+    def resolve_pkey(self, args: Mapping[str, Any]) -> int:
+        """ENABLE's pkey argument: a number, or `pkey_of=S` (that service's pkey now)."""
+        if "pkey_of" in args:
+            s = self.svc(str(args["pkey_of"]))
+            return s.pkey_now if s is not None else -1
+        return int(args.get("pkey", -1))
+
     def resolve_key(self, args: Mapping[str, Any], caller: Service) -> int | None:
         if "key_of" in args:
             return self.key_of(str(args["key_of"]))
@@ -325,7 +332,7 @@ class Model:
     def _p_enable(self, step: Step, now: float) -> Prediction:
         s = self.svc(step.svc)
         assert s is not None
-        pkey = int(step.args.get("pkey", -1))
+        pkey = self.resolve_pkey(step.args)
         refusals = []
         if not -1 <= pkey <= 15:
             refusals.append("enable_bad_pkey")

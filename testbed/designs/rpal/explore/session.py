@@ -169,7 +169,7 @@ class Session:
             out["key"] = key
             return out
         if op == "enable":
-            out["pkey"] = int(a.get("pkey", -1))
+            out["pkey"] = m.resolve_pkey(a)
             return out
         if op in ("pkey_free",):
             out["pkey"] = int(a["pkey"])
