@@ -501,7 +501,8 @@ class Model:
             outs.append(segv(SEGV_PKUERR, r.pkey))
         if not allowed_prot:
             outs.append(segv(SEGV_ACCERR))
-        return Prediction(Expect("keys" if not allowed_key else "faults", tuple(outs)))
+        return Prediction(Expect("keys" if not allowed_key else "faults", tuple(outs),
+                                 fault_check="faults"))
 
     def _peer_access(self, a: Service, r: Region, page: int, write: bool, mode: str
                      ) -> Prediction:
