@@ -48,10 +48,12 @@ def main() -> None:
     parent.mkdir(exist_ok=True)
     run_dir = paths.new_run_dir("bench", parent)
     rates = {}
+    world = None
     with explore_guest(spec, (), run_dir, REFERENCE_CHOICES) as rig:
         for judged in (False, True):
             s = Session(rig.agent, snapshotter=rig.snapshotter, console=rig.console,
-                        judge_snapshots=judged)
+                        judge_snapshots=judged, world=world)
+            world = s.world  # the same guest: ids and keys go on
             t0 = time.monotonic()
             res = explore(s, seed=args.seed, steps=args.steps, seconds=1e9,
                           services=args.services, max_examples=args.examples, shrink=False)
@@ -67,6 +69,7 @@ def main() -> None:
                      if judged else "")
                   + (f"; FAILED {res.failure.check}: {res.failure.message}"
                      if res.failure else ""))
+            s.reset()  # kill what is left, for the next run's fresh session
     if rates.get("judged"):
         print(f"ratio unjudged/judged: {rates['unjudged'] / rates['judged']:.2f}x "
               f"(goal: 20 judged steps/s; {accel.describe()})")

@@ -77,14 +77,15 @@ class Session:
                  console: oracles.ConsoleWatch | None = None,
                  choices: Choices = REFERENCE_CHOICES, clock: Callable[[], float] = time.monotonic,
                  judge_snapshots: bool = True,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 world: World | None = None) -> None:
         self.agent = agent
         self.snap = snapshotter if judge_snapshots else None
         self.console = console
         self.choices = choices
         self.clock = clock
         self.sleep = sleep
-        self.world = World()
+        self.world = world if world is not None else World()
         self.model = Model(choices, self.world)
         self.trace: list[Record] = []
         self.last_snap: Snapshot | None = None
