@@ -185,7 +185,14 @@ static int child(const char *role, int rfd, int wfd, int same_pkey)
 		rpal_link_sync(&l, 'e');	/* both done before B exits */
 		if (!is_a)
 			return l.failures ? 1 : 0;
-		rpal_dead_key_step(&l, fd, peer.svc.key);
+		/* a refused request is no request: B's death is A's news only if
+		 * they were paired after all */
+		if (paired) {
+			rpal_dead_key_step(&l, fd, peer.svc.key);
+		} else {
+			rpal_step(&l, "peer_exit");
+			rpal_link_wait_gone(&l);
+		}
 		peer.svc.alive = 0;
 		set_facts(is_a, &me, &peer, 0);
 		rpal_checkpoint(&l, "peer_exited", facts);

@@ -33,7 +33,7 @@ SCENARIOS: dict[str, Scenario] = {
                   "isolation", "exit")),
         Scenario("same_pkey", "services with the same pkey must not pair",
                  ("tb-rpal_pair --same-pkey",),
-                 ("slot_confinement", "slot_copies", "keys", "pkru", "exit")),
+                 ("slot_confinement", "slot_copies", "keys", "pkru")),
         Scenario("stale_tlb", "stale-TLB probe while the peer unmaps and re-protects",
                  ("tb-rpal_stale_probe",),
                  ("slot_confinement", "slot_copies", "keys", "pkru", "tlb_state",

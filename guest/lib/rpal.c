@@ -437,6 +437,21 @@ int rpal_link_sync(struct rpal_link *l, char tag)
 	return 0;
 }
 
+void rpal_link_wait_gone(struct rpal_link *l)
+{
+	struct pollfd pf = { .fd = l->rfd, .events = POLLIN };
+	char c;
+	int r, timeout = link_timeout_ms();
+
+	do
+		r = poll(&pf, 1, timeout);
+	while (r < 0 && errno == EINTR);
+	if (r == 0)
+		link_fail(l, "the peer did not exit", "the end");
+	if (r < 0 || read(l->rfd, &c, 1) != 0)
+		link_fail(l, "the peer sent more instead of exiting", "the end");
+}
+
 void rpal_check(struct rpal_link *l, int ok, const char *check,
 		const char *fmt, ...)
 {

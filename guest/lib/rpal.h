@@ -157,6 +157,9 @@ void rpal_step(struct rpal_link *l, const char *step);
 int rpal_link_send(struct rpal_link *l, const void *buf, int len);
 int rpal_link_recv(struct rpal_link *l, void *buf, int len);
 int rpal_link_sync(struct rpal_link *l, char tag);	/* both sides call */
+/* Wait for the partner's end of the link to close: it exited (its mm is
+ * gone by then: exit_mm() comes before exit_files()). */
+void rpal_link_wait_gone(struct rpal_link *l);
 void rpal_check(struct rpal_link *l, int ok, const char *check,
 		const char *fmt, ...) __attribute__((format(printf, 4, 5)));
 /* Parent side: fork+exec "/proc/self/exe ROLE rfd wfd EXTRA..." for two roles
