@@ -19,8 +19,12 @@
  * probe.* pairs=, from what the kernel returned) while the probe waits on
  * the pipe: enabled, paired, brk (both grew the heap by 3 pages, the peer
  * gave one back: a flush of its mm, which must reach the probe's), in_handler
- * (from the peer's SIGUSR1 handler entered at the union PKRU), released,
- * peer_exited (the probe exited: probe.alive=0).
+ * (from the peer's SIGUSR1 handler entered at the union PKRU), probed (after
+ * the probing: the peer's flushes must have moved the probe's TLB
+ * generation), released, peer_exited (the probe exited: probe.alive=0).
+ * The probing is skipped (the rest goes on) when the probe cannot read the
+ * peer's slot or the peer's fresh mmaps are not usable (peer_read,
+ * mmap_tagged fail).
  *   tb-rpal_stale_probe [ROUNDS] [--die-in ROLE:STEP[:hang]]
  *                                    (default 3 rounds of each change)
  */
@@ -126,17 +130,18 @@ static int setup(struct rpal_link *l, int fd, struct info *me, struct info *othe
 	return 0;
 }
 
-/* The probe reads T and the flags through its copy of the peer's slot
- * before relying on them; both learn whether that worked. */
-static int first_read(struct rpal_link *l, const struct info *me, const struct info *peer,
-		      int is_probe)
+/* Before relying on them: the probe reads T and the flags through its copy
+ * of the peer's slot, the peer checks that a fresh mmap (it makes one for
+ * each remap) is usable with its PKRU.  1 when both worked (both learn). */
+static int first_checks(struct rpal_link *l, const struct info *me, const struct info *peer,
+			int is_probe)
 {
 	struct rpal_fault f = { 0 };
 	uint64_t v = 0, ph = ~0ull;
-	int ok = 1;
+	int ok = 1, theirs;
 
-	rpal_step(l, "peer_read");
 	if (is_probe) {
+		rpal_step(l, "peer_read");
 		wrpkru(rpal_pkru_for(me->svc.pkey) & rpal_pkru_for(peer->svc.pkey));
 		ok = rpal_try_read64((uint64_t *)(uintptr_t)peer->target, &v, 3000, &f) == 0 &&
 		     v == OLD &&
@@ -146,26 +151,34 @@ static int first_read(struct rpal_link *l, const struct info *me, const struct i
 		rpal_check(l, ok, "peer_read", "T at %#llx: %#llx, phase %#llx: %s",
 			   (unsigned long long)peer->target, (unsigned long long)v,
 			   (unsigned long long)ph, rpal_fault_str(&f));
-		rpal_link_send(l, &ok, sizeof(ok));
 	} else {
-		rpal_link_recv(l, &ok, sizeof(ok));
+		uint64_t *p = mmap(NULL, 4096, PROT_READ | PROT_WRITE,
+				   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+		rpal_step(l, "mmap_tagged");
+		ok = p != MAP_FAILED && rpal_try_write64(p, NEW, 3000, &f) == 0;
+		rpal_check(l, ok, "mmap_tagged", "fresh mmap at %p: %s", (void *)p,
+			   rpal_fault_str(&f));
+		if (p != MAP_FAILED)
+			munmap(p, 4096);
 	}
-	return ok ? 0 : -1;
+	rpal_link_send(l, &ok, sizeof(ok));
+	rpal_link_recv(l, &theirs, sizeof(theirs));
+	if (ok && !theirs)
+		printf("%s: skipping the probing: the %s could not go on\n", l->role,
+		       is_probe ? "peer" : "probe");
+	return ok && theirs;
 }
 
-/* After the probing: brk, a signal handler, release, pairing again, the
- * probe's exit, each with its checkpoint. */
-static int epilogue(struct rpal_link *l, int fd, struct info *me, struct info *other,
-		    int is_peer)
+/* Paired, before the probing: brk, then a signal handler, with checkpoints. */
+static void before_probing(struct rpal_link *l, struct info *me, struct info *other,
+			   int is_peer)
 {
 	uint32_t own = rpal_pkru_for(me->svc.pkey);
 	uint32_t both = own & rpal_pkru_for(other->svc.pkey), in = 0;
-	struct rpal_fault f;
-	uint64_t v;
-	int r;
 
 	/* the peer gives a page back: since "paired" only the peer's mm was
-	 * flushed, so the host sees whether those flushes reached the probe */
+	 * flushed, so the host sees whether that flush reached the probe */
 	rpal_brk_step(l, &me->svc, 3, is_peer);
 	rpal_pair_checkpoint(l, is_peer, "brk", facts);
 
@@ -175,7 +188,22 @@ static int epilogue(struct rpal_link *l, int fd, struct info *me, struct info *o
 		rpal_check(l, in == own, "pkru", "PKRU in a signal handler entered with %#x: "
 			   "%#x, expected the service default %#x", both, in, own);
 	rpal_link_sync(l, '>');
+}
 
+/* After the probing (checkpoint "probed" if it ran: the peer's flushes must
+ * have moved the probe's TLB generation), release, pairing again, the
+ * probe's exit, with checkpoints. */
+static int after_probing(struct rpal_link *l, int fd, struct info *me, struct info *other,
+			 int is_peer, int probed)
+{
+	uint32_t own = rpal_pkru_for(me->svc.pkey);
+	uint32_t both = own & rpal_pkru_for(other->svc.pkey);
+	struct rpal_fault f;
+	uint64_t v;
+	int r;
+
+	if (probed)
+		rpal_pair_checkpoint(l, is_peer, "probed", facts);
 	rpal_step(l, "release");
 	if (is_peer) {
 		r = rpal_release(fd, other->svc.key);
@@ -211,14 +239,16 @@ static int peer_main(struct rpal_link *l, int rounds)
 {
 	struct info me = { 0 }, peer;
 	uint64_t *t = fresh_page(OLD), *n, ph = 0;
-	int fd = rpal_open(), k, i;
+	int fd = rpal_open(), k, i, ok;
 
 	rpal_pin_cpu(0);
 	me.target = (uintptr_t)t;
 	me.flags = (uintptr_t)&fl;
-	if (setup(l, fd, &me, &peer, 1) || first_read(l, &me, &peer, 0))
+	if (setup(l, fd, &me, &peer, 1))
 		return 1;
-	for (i = 0; i < rounds; i++) {
+	ok = first_checks(l, &me, &peer, 0);
+	before_probing(l, &me, &peer, 1);
+	for (i = 0; ok && i < rounds; i++) {
 		for (k = 0; k < NR_KINDS; k++) {
 			rpal_step(l, kind_name[k]);
 			/* T readable with OLD; let the probe warm its TLB */
@@ -252,8 +282,9 @@ static int peer_main(struct rpal_link *l, int rounds)
 		}
 	}
 	fl.phase = ~0ull;
-	rpal_link_sync(l, 'd');
-	epilogue(l, fd, &me, &peer, 1);
+	if (ok)
+		rpal_link_sync(l, 'd');
+	after_probing(l, fd, &me, &peer, 1, ok);
 	return l->failures ? 1 : 0;
 lost:
 	printf("%s: FAIL protocol: the probe stopped answering in phase %llu\n",
@@ -268,7 +299,7 @@ static int probe_main(struct rpal_link *l, int rounds)
 	volatile uint64_t *t;
 	struct flags *pf;
 	uint64_t ph = 0, seen, v;
-	int fd = rpal_open(), k, i, j, r;
+	int fd = rpal_open(), k, i, j, r, ok;
 	int stale[NR_KINDS] = { 0 }, checks[NR_KINDS] = { 0 };
 	double end;
 
@@ -276,8 +307,12 @@ static int probe_main(struct rpal_link *l, int rounds)
 		printf("%s: FAIL pin: cannot run on CPU 1\n", l->role);
 		return 1;
 	}
-	if (setup(l, fd, &me, &peer, 0) || first_read(l, &me, &peer, 1))
+	if (setup(l, fd, &me, &peer, 0))
 		return 1;
+	ok = first_checks(l, &me, &peer, 1);
+	before_probing(l, &me, &peer, 0);
+	if (!ok)
+		goto after;
 	t = (uint64_t *)(uintptr_t)peer.target;
 	pf = (struct flags *)(uintptr_t)peer.flags;
 	wrpkru(rpal_pkru_for(me.svc.pkey) & rpal_pkru_for(peer.svc.pkey));
@@ -327,7 +362,8 @@ static int probe_main(struct rpal_link *l, int rounds)
 		rpal_check(l, stale[k] == 0, kind_name[k],
 			   "%d stale reads of %d after the peer's %s (%d rounds)",
 			   stale[k], checks[k], kind_name[k], rounds);
-	epilogue(l, fd, &me, &peer, 0);
+after:
+	after_probing(l, fd, &me, &peer, 0, ok);
 	return l->failures ? 1 : 0;
 }
 
