@@ -20,6 +20,7 @@ import pytest
 from testbed import paths
 from testbed.build import guestprogs
 from testbed.check.output import parse_workload_output
+from testbed.designs.rpal.output import OUTPUT_CHECKS
 
 DATA = Path(__file__).parent / "data"
 
@@ -45,7 +46,8 @@ def run(prog: Path, *args: str, **env: str) -> tuple[int, str, float]:
 
 def findings(text: str, status: int) -> dict[str, list[Any]]:
     out: dict[str, list[Any]] = {}
-    for f in parse_workload_output(text, scenario="t", workload="pair", status=status):
+    for f in parse_workload_output(text, scenario="t", workload="pair", status=status,
+                                   checks=OUTPUT_CHECKS):
         out.setdefault(f.check, []).append(f)
     return out
 
