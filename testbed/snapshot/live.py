@@ -72,7 +72,7 @@ class LiveSnapshotter:
             snap = assemble(view, cpus, name=name, trigger=trigger, **assemble_args)
         finally:
             if was_running:
-                self.qmp.execute("cont")
+                self._resume()
         t_end = time.perf_counter()
         snap.timing.update(
             cpus_ms=round((t_cpus - t0) * 1000, 2),
@@ -82,6 +82,27 @@ class LiveSnapshotter:
             total_ms=round((t_end - t0) * 1000, 2),
         )
         return snap
+
+    def _resume(self, patience: float = 5.0) -> None:
+        """`cont`, again while QEMU is still in finish-migrate.
+
+        The MIGRATION "completed" event (or query-migrate) can come before
+        QEMU 7.2 has moved the run state from finish-migrate to postmigrate;
+        a `cont` in between fails with "Migration is not finalized yet" and
+        would leave the guest stopped for good (the workload then "did not
+        finish" after its whole timeout).
+        """
+        from testbed.errors import GuestError
+
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                self.qmp.execute("cont")
+                return
+            except GuestError as exc:
+                if "not finalized" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.005)
 
     async def _pause_and_read_cpus(self) -> CpuSnapshot:
         """Stop a running guest and read its vCPUs; leave it stopped for the memory reads."""
