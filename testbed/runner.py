@@ -13,18 +13,23 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from testbed import paths
 from testbed.boot.hostcaps import Accel
-from testbed.boot.machine import Checkpoint, Machine, MachineConfig
+from testbed.boot.machine import (
+    Checkpoint,
+    Machine,
+    MachineConfig,
+    stop_all_guests,
+)
 from testbed.check.model import Finding, ScenarioResult
 from testbed.check.output import parse_workload_output
 from testbed.check.rpal import check_snapshots
-from testbed.errors import TestbedError
+from testbed.errors import Interrupted, TestbedError
 from testbed.scenarios import Scenario
 from testbed.snapshot.live import LiveSnapshotter, write_snapshot
 from testbed.snapshot.snapshot import Trigger
@@ -139,6 +144,7 @@ def run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], parent: P
     result.reproduce = str(write_reproducer(run_dir, sc, spec, bugs))
     snapshots: list[dict[str, Any]] = []
     snapper: LiveSnapshotter | None = None
+    machine: Machine | None = None
     try:
         machine = Machine(cfg, run_dir)
         if sc.selftest:
@@ -161,17 +167,18 @@ def run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], parent: P
                                         strict=True):
                 result.findings += parse_workload_output(out, scenario=sc.name,
                                                          workload=w.split()[0], status=status)
-            for entry in m.checkpoint_log:
-                if "error" in entry:
-                    result.findings.append(Finding(
-                        "snapshot", False, f"snapshot at {entry.get('name')} failed: "
-                        f"{entry['error']}", sc.name, str(entry.get("name", "")), error=True,
-                    ))
     except TestbedError as exc:
         result.error = exc.one_line()
     finally:
         if snapper is not None:
             snapper.close()
+    # a refused or failed checkpoint is a finding of its own, whatever became of the command
+    for entry in machine.checkpoint_log if machine is not None else ():
+        if "error" in entry:
+            result.findings.append(Finding(
+                "snapshot", False, f"snapshot at {entry.get('name', '?')} failed: "
+                f"{entry['error']}", sc.name, str(entry.get("name", "")), error=True,
+            ))
     result.findings += check_snapshots(snapshots, sc.name)
     result.snapshots = {s["name"]: s for s in snapshots}
     result.seconds = round(time.monotonic() - t0, 2)
@@ -202,12 +209,48 @@ def _run_selftest(sc: Scenario, machine: Machine, result: ScenarioResult, t0: fl
     return result
 
 
+class RunInterrupted(Exception):
+    """A signal stopped run_all: the results of the jobs that finished before it."""
+
+    def __init__(self, signal: Interrupted, finished: list[ScenarioResult], total: int) -> None:
+        super().__init__(f"{signal.signal_name}: {len(finished)} of {total} finished")
+        self.signal = signal
+        self.finished = finished
+        self.total = total
+
+
+STOP_GRACE = 5.0  # seconds an interrupted run gives its workers to wind down
+
+
 def run_all(jobs: Sequence[tuple[Scenario, tuple[str, ...]]], spec: GuestSpec, parent: Path,
             parallel: int) -> list[ScenarioResult]:
-    """Run (scenario, bugs) jobs on `parallel` guests at a time; results in job order."""
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        futures = [pool.submit(run_scenario, sc, spec, bugs, parent) for sc, bugs in jobs]
-        return [f.result() for f in futures]
+    """Run (scenario, bugs) jobs on `parallel` guests at a time; results in job order.
+
+    On a signal (Interrupted, see terminate_on_signals): no queued job starts, every
+    guest is stopped, and RunInterrupted carries the results finished before it.
+    """
+    pool = ThreadPoolExecutor(max_workers=max(1, parallel))
+    futures = [pool.submit(run_scenario, sc, spec, bugs, parent) for sc, bugs in jobs]
+    try:
+        results = [f.result() for f in futures]
+    except Interrupted as sig:
+        finished = [f.result() for f in futures if f.done() and not f.cancelled()
+                    and f.exception() is None]
+        _stop_workers(pool, futures)
+        raise RunInterrupted(sig, finished, len(jobs)) from None
+    pool.shutdown()
+    return results
+
+
+def _stop_workers(pool: ThreadPoolExecutor, futures: list[Any]) -> None:
+    """Cancel queued jobs and stop the guests of running ones, until they are done."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    deadline = time.monotonic() + STOP_GRACE
+    # New guests stay refused: the process is about to exit (allow_new_guests() undoes it).
+    while not all(f.done() for f in futures) and time.monotonic() < deadline:
+        stop_all_guests()  # again and again: a worker may be starting a guest
+        wait(futures, timeout=0.1)
+    stop_all_guests()
 
 
 def default_parallel(smp: int = 2) -> int:

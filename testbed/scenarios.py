@@ -9,8 +9,31 @@ workloads' checkpoints; findings come from the snapshot checks
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from testbed.check.rpal import CHECKS
+from testbed.errors import TestbedError
+
+# Symbols only a kernel with RPAL (CONFIG_RPAL) has: the code behind /proc/rpal.
+RPAL_SYMBOLS = ("rpal_init", "rpal_proc_ops")
+
+
+def requires(kernel: Path) -> None:
+    """Refuse, before any guest boots, a kernel the scenarios cannot run on: one
+    without RPAL (no /proc/rpal). Told from the kernel's System.map or vmlinux
+    beside it; a kernel without either is let through (later stages say why)."""
+    from testbed.snapshot.kernel_image import KernelImage, KernelImageError
+
+    try:
+        symbols = KernelImage.from_paths(kernel).symbols
+    except (KernelImageError, OSError):
+        return
+    if symbols is None or len(symbols) == 0:
+        return
+    if not any(name in symbols for name in RPAL_SYMBOLS):
+        raise TestbedError(f"kernel {kernel} has no RPAL (none of {', '.join(RPAL_SYMBOLS)} "
+                           "in its symbols, so no /proc/rpal; CONFIG_RPAL?): pass a kernel "
+                           "built with the RPAL series (testbed kernel build)")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.boot.qmp import QMP
-from testbed.snapshot.cpustate import CpuSnapshot, snapshot_cpus
+from testbed.snapshot.cpustate import CpuSnapshot, resume_after_migration, snapshot_cpus
 from testbed.snapshot.kernel import KernelView
 from testbed.snapshot.kernel_image import KernelImage
 from testbed.snapshot.physmem import SharedFileMemory
@@ -71,8 +71,8 @@ class LiveSnapshotter:
             t_attach = time.perf_counter()
             snap = assemble(view, cpus, name=name, trigger=trigger, **assemble_args)
         finally:
-            if was_running:
-                self.qmp.execute("cont")
+            if was_running:  # whatever happened: a guest left paused would hang its run
+                self.qmp.run(resume_after_migration(self.qmp.client), timeout=30)
         t_end = time.perf_counter()
         snap["timing"].update(
             cpus_ms=round((t_cpus - t0) * 1000, 2),
@@ -100,6 +100,10 @@ class LiveSnapshotter:
 
 
 def write_snapshot(snap: dict[str, Any], folder: Path, name: str) -> Path:
+    """folder/NAME.json; `name` (from the guest) must be a plain file name."""
+    from testbed.boot.machine import check_checkpoint_name
+
+    check_checkpoint_name(name)  # also checked where the request is parsed
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
