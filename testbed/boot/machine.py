@@ -83,8 +83,9 @@ def _set_pdeathsig() -> None:  # runs in the child between fork and exec
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def sweep_stale_ram_files(shm_dir: Path = SHM_DIR) -> list[Path]:
+def sweep_stale_ram_files(shm_dir: Path | None = None) -> list[Path]:
     """Delete RAM files whose owner died without cleaning up (its flock is gone)."""
+    shm_dir = shm_dir or SHM_DIR
     removed = []
     for f in shm_dir.glob(SHM_PREFIX + "*"):
         try:
@@ -106,9 +107,10 @@ def sweep_stale_ram_files(shm_dir: Path = SHM_DIR) -> list[Path]:
     return removed
 
 
-def check_ram_room(mem_mib: int, shm_dir: Path = SHM_DIR) -> None:
+def check_ram_room(mem_mib: int, shm_dir: Path | None = None) -> None:
     """Refuse, before boot, guest RAM the host cannot hold: a guest that touches RAM
     beyond the free space of /dev/shm dies of SIGBUS mid-command."""
+    shm_dir = shm_dir or SHM_DIR
     need = mem_mib << 20
     total = _host_memory()
     if total is not None and need > total:
