@@ -60,16 +60,42 @@ def guest_script(workloads: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
+END_RE = re.compile(r"@@@ end (0|[1-9]\d{0,5}) (\d{1,9})")
+
+
 def split_output(text: str, count: int) -> list[tuple[str, int | None]]:
-    """(output, status) of each workload from the bracketed guest output (pure)."""
+    """(output, status) of each workload from the bracketed guest output (pure).
+
+    The guest's output is hostile: one linear pass over its lines, whatever it
+    prints (marker lines of its own included); a workload without its end marker
+    gets the rest of the output and no status.
+    """
+    parts = text.split("\n")  # lines as the markers' shell writes them: "\n" only
+    lines = [p + "\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+    begins: dict[int, int] = {}  # workload -> index of its first begin line
+    ends: dict[int, list[tuple[int, int]]] = {}  # workload -> (line index, status)
+    for n, line in enumerate(lines):
+        if not line.startswith("@@@ "):
+            continue
+        body = line.rstrip("\n")
+        num = body[10:]
+        if (body.startswith("@@@ begin ") and line.endswith("\n") and num.isascii()
+                and num.isdigit()
+                and len(num) <= 6 and str(int(num)) == num):
+            begins.setdefault(int(num), n)
+        elif m := END_RE.fullmatch(body):
+            ends.setdefault(int(m.group(1)), []).append((n, int(m.group(2))))
     out: list[tuple[str, int | None]] = []
     for i in range(count):
-        m = re.search(rf"^@@@ begin {i}\n(.*?)^@@@ end {i} (\d+)$", text, re.S | re.M)
-        if m:
-            out.append((m.group(1), int(m.group(2))))
+        start = begins.get(i)
+        if start is None:
+            out.append(("", None))
+            continue
+        end = next(((n, st) for n, st in ends.get(i, ()) if n > start), None)
+        if end is None:
+            out.append(("".join(lines[start + 1:]), None))
         else:
-            start = re.search(rf"^@@@ begin {i}\n", text, re.M)
-            out.append((text[start.end():] if start else "", None))
+            out.append(("".join(lines[start + 1:end[0]]), end[1]))
     return out
 
 

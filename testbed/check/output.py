@@ -40,6 +40,7 @@ OUTPUT_CHECKS = {
     "peer_limit": "peer_limit",
 }
 
+MAX_VERDICTS = 2000  # verdict lines read from one workload's output
 LINE_RE = re.compile(r"^(?P<role>[\w-]+): (?P<verdict>ok|FAIL) (?P<name>[\w-]+): (?P<detail>.*)$")
 
 
@@ -51,6 +52,11 @@ def parse_workload_output(text: str, *, scenario: str, workload: str, status: in
         m = LINE_RE.match(line.strip())
         if not m or m["name"] == "checkpoint":
             continue
+        if len(out) == MAX_VERDICTS:  # the guest's output is hostile: bounded findings
+            out.append(Finding("workload", False, f"{workload} printed more than "
+                               f"{MAX_VERDICTS} verdict lines: the rest were not read",
+                               scenario, workload, error=True))
+            break
         check = OUTPUT_CHECKS.get(m["name"], "workload")
         ok = m["verdict"] == "ok"
         out.append(Finding(
