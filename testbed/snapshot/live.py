@@ -51,6 +51,7 @@ class LiveSnapshotter:
         t0 = time.perf_counter()
         cpu_snap = self.qmp.run(self._pause_and_read_cpus())
         was_running = cpu_snap.capture.status_before == "running"
+        refused = 0
         try:
             t_cpus = time.perf_counter()
             cpus = cpu_snap.vcpus
@@ -72,13 +73,14 @@ class LiveSnapshotter:
             snap = assemble(view, cpus, name=name, trigger=trigger, **assemble_args)
         finally:
             if was_running:  # whatever happened: a guest left paused would hang its run
-                self.qmp.run(resume_after_migration(self.qmp.client), timeout=30)
+                refused = self.qmp.run(resume_after_migration(self.qmp.client), timeout=30)
         t_end = time.perf_counter()
         snap["timing"].update(
             cpus_ms=round((t_cpus - t0) * 1000, 2),
             migration_ms=round(cpu_snap.capture.seconds * 1000, 2),
             attach_ms=round((t_attach - t_cpus) * 1000, 2),
             paused_ms=round((t_end - cpu_snap.capture.stopped_at) * 1000, 2),
+            cont_refused=refused,  # "Migration is not finalized yet" before the resume
             total_ms=round((t_end - t0) * 1000, 2),
         )
         return snap
