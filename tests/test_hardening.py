@@ -26,14 +26,15 @@ import pytest
 from testbed import paths
 from testbed.boot import hostcaps, machine
 from testbed.boot.machine import (
-    MAX_LINE,
-    MAX_LOGGED_ERRORS,
     Machine,
     MachineConfig,
     parse_checkpoint_request,
     sweep_stale_ram_files,
 )
-from testbed.errors import GuestStuck, Interrupted, QemuCrash, TestbedError
+from testbed.errors import QemuCrash, TestbedError
+
+# Names added by the hardening are imported where used, so that on a tree without
+# them each test fails on its own (each row of issue 11 must fail there).
 
 # ----- helpers ---------------------------------------------------------------------------
 
@@ -179,6 +180,8 @@ def test_real_checkpoint_requests_still_parse() -> None:
 
 def test_a_huge_line_without_newline_is_refused_without_being_held(
         tmp_path: Path, kernel: Path, initrd: Path) -> None:
+    from testbed.boot.machine import MAX_LINE
+
     m = unstarted_machine(tmp_path, kernel, initrd)
     snapshot_into(m, tmp_path / "D")
     chunk = b"A" * (1 << 20)
@@ -206,6 +209,8 @@ def test_a_huge_line_without_newline_is_refused_without_being_held(
 
 def test_a_flood_of_bad_lines_is_logged_a_bounded_number_of_times(
         tmp_path: Path, kernel: Path, initrd: Path) -> None:
+    from testbed.boot.machine import MAX_LINE, MAX_LOGGED_ERRORS
+
     m = unstarted_machine(tmp_path, kernel, initrd)
     replies = serve(m, [b"x" * (MAX_LINE + 10) + b"\n" for _ in range(300)]
                     + [b"junk\n"] * 300)
@@ -321,6 +326,7 @@ def test_resume_retries_cont_until_the_migration_is_finalized() -> None:
 
 
 def test_a_guest_that_cannot_be_resumed_is_named_stuck() -> None:
+    from testbed.errors import GuestStuck
     from testbed.snapshot.cpustate import resume_after_migration
 
     with pytest.raises(GuestStuck, match="stays paused"):
@@ -332,6 +338,8 @@ def test_a_guest_that_cannot_be_resumed_is_named_stuck() -> None:
 
 def test_a_stuck_guest_fails_its_run_at_once(tmp_path: Path, kernel: Path, initrd: Path
                                              ) -> None:
+    from testbed.errors import GuestStuck
+
     m = unstarted_machine(tmp_path, kernel, initrd)
 
     def stuck(ck: Any) -> None:
@@ -401,7 +409,7 @@ def signal_handlers() -> Any:
     yield
     for s, h in saved.items():
         signal.signal(s, h)
-    machine.allow_new_guests()
+    getattr(machine, "allow_new_guests", lambda: None)()
 
 
 def fake_scenarios(monkeypatch: pytest.MonkeyPatch, seconds: float) -> list[str]:
@@ -415,7 +423,7 @@ def fake_scenarios(monkeypatch: pytest.MonkeyPatch, seconds: float) -> list[str]
         started.append(sc.name)
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            if machine._refuse_new.is_set():
+            if getattr(machine, "_refuse_new", threading.Event()).is_set():
                 return ScenarioResult(sc.name, [], "", bugs, error="guest stopped")
             time.sleep(0.01)
         return ScenarioResult(sc.name, [], str(parent), bugs)
@@ -465,6 +473,8 @@ def test_sigterm_to_testbed_run_writes_reports_and_exits_143(
 
 
 def test_interrupted_exit_status() -> None:
+    from testbed.errors import Interrupted
+
     assert Interrupted(signal.SIGINT).exit_status == 130
     assert Interrupted(signal.SIGTERM).exit_status == 143
 

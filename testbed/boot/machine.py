@@ -397,7 +397,8 @@ class Machine:
         ck_ours, ck_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         args = self.qemu_args(initrd, theirs.fileno(), ck_theirs.fileno())
         (self.run_dir / "qemu-cmdline.txt").write_text(" ".join(args) + "\n")
-        with open(self.qemu_log, "ab") as log:
+        fd = os.open(self.qemu_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        with open(fd, "ab") as log:
             self.proc = subprocess.Popen(
                 args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 pass_fds=[theirs.fileno(), ck_theirs.fileno()], start_new_session=True,
