@@ -4,7 +4,7 @@ with an injected bug: no flake, and nothing leaks (fds, threads, child processes
 
 Slow: 2 x TESTBED_SOAK_RUNS (default 20) runs of TESTBED_SOAK_SCENARIOS (default all
 scenarios; e.g. "phases pair" for a shorter soak), with bug TESTBED_SOAK_BUG (default
-the first one a check those scenarios exercise names). Figures are printed (run with -s to see them).
+the first one a check those scenarios exercise names). Figures are printed (-s).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def test_soak(rpal_kernel: Path, tmp_path: Path) -> None:
     bug = os.environ.get("TESTBED_SOAK_BUG") or next(
         b for b in BUGS if any(b in CHECKS[c].bugs for c in exercised))
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    cli.main(["run", *scenarios[:1] or ["phases"], "--kernel", str(rpal_kernel),
+    cli.main(["run", *(scenarios[:1] or ["phases"]), "--kernel", str(rpal_kernel),
               "--run-dir", str(tmp_path / "warm")])  # caches, imports, first-use threads
     before = counts()
     outcomes: dict[str, set[tuple[int, str, tuple[str, ...]]]] = {"": set(), bug: set()}
