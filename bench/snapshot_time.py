@@ -62,12 +62,12 @@ def main() -> None:
                 t0 = time.perf_counter()
                 snap = snapper.capture("bench")
                 times.append(time.perf_counter() - t0)
-                ntasks = len(snap["tasks"])
+                ntasks = len(snap.tasks)
                 if os.environ.get("TB_DEBUG"):
-                    print(kind, snap["timing"])
+                    print(kind, snap.timing)
                 if kind == "repeat":
                     for key, values in parts.items():
-                        values.append(snap["timing"][key])
+                        values.append(snap.timing[key])
 
             for where, times in slow.items():
                 t0 = time.perf_counter()

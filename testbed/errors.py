@@ -7,6 +7,7 @@ from pathlib import Path
 # Exit status of the testbed itself when it fails (as docker/podman do), so it
 # can be told apart from the status of a guest command passed through.
 EXIT_TESTBED_ERROR = 125
+EXIT_USAGE = 2  # as argparse: the command line asked for something that makes no sense
 
 
 class TestbedError(Exception):
@@ -26,6 +27,10 @@ class TestbedError(Exception):
         if self.run_dir is not None:
             msg += f" (artifacts kept in {self.run_dir})"
         return msg
+
+
+class UsageError(TestbedError):
+    """An option value that makes no sense; exit status 2, nothing was started."""
 
 
 class SetupError(TestbedError):

@@ -8,7 +8,7 @@ Fixtures:
   guest_spec      kernel + image + accelerator for guests (session scope)
   guest           a booted guest (a testbed Machine) on that kernel; inject bugs with
                   @pytest.mark.rpal_bug("name", ...)
-  snapshot        a function: snapshot() -> dict, the guest as the host sees it now
+  snapshot        a function: snapshot() -> Snapshot, the guest as the host sees it now
   scenario_result a function: scenario_result("pair", bugs=()) -> ScenarioResult, run
                   once per (scenario, bugs) and session
 A CI pipeline selects with -k (e.g. `-k "phases and slot_copies"`) and gets
@@ -35,8 +35,9 @@ def rpal_kernel() -> Path:
     if env:
         return Path(env)
     from testbed.build.kernel import build_kernel
+    from testbed.designs import get_design
 
-    return build_kernel(series="rpal-ref").bzimage
+    return build_kernel(series=get_design().kernel_series).bzimage
 
 
 @pytest.fixture(scope="session")
@@ -60,19 +61,20 @@ def testbed_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def guest(request: pytest.FixtureRequest, guest_spec: Any, testbed_runs: Path) -> Iterator[Any]:
     from testbed import paths
     from testbed.boot.machine import Machine, MachineConfig
+    from testbed.designs import get_design
 
     marker = request.node.get_closest_marker("rpal_bug")
     bugs = tuple(marker.args) if marker else ()
     cfg = MachineConfig(
         kernel=guest_spec.kernel, initrd=guest_spec.initrd, accel=guest_spec.accel,
-        append=f"rpal.bug={','.join(bugs)}" if bugs else "",
+        append=get_design().bug_append(bugs),
     )
     with Machine(cfg, paths.new_run_dir("pytest", testbed_runs)) as m:
         yield m
 
 
 @pytest.fixture
-def snapshot(guest: Any, guest_spec: Any) -> Iterator[Callable[..., dict[str, Any]]]:
+def snapshot(guest: Any, guest_spec: Any) -> Iterator[Callable[..., Any]]:
     from testbed.snapshot.live import LiveSnapshotter
 
     snapper = LiveSnapshotter(guest.qmp, guest.ram_path, guest_spec.kernel)
@@ -85,13 +87,15 @@ _results: dict[tuple[str, tuple[str, ...]], Any] = {}
 
 @pytest.fixture(scope="session")
 def scenario_result(guest_spec: Any, testbed_runs: Path) -> Callable[..., Any]:
+    from testbed.designs import get_design
     from testbed.runner import run_scenario
-    from testbed.scenarios import SCENARIOS
+
+    scenarios = get_design().scenarios
 
     def get(name: str, bugs: tuple[str, ...] = ()) -> Any:
         key = (name, tuple(bugs))
         if key not in _results:
-            _results[key] = run_scenario(SCENARIOS[name], guest_spec, tuple(bugs), testbed_runs)
+            _results[key] = run_scenario(scenarios[name], guest_spec, tuple(bugs), testbed_runs)
         return _results[key]
 
     return get

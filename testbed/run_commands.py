@@ -14,15 +14,33 @@ from testbed.boot.commands import terminate_on_signals
 from testbed.boot.kernelimage import inspect_kernel, resolve_kernel
 from testbed.boot.machine import resolve_accel
 from testbed.build.initramfs import ImageSpec, build_image
-from testbed.check.model import ScenarioResult
-from testbed.check.rpal import CHECKS
-from testbed.errors import TestbedError
+from testbed.check.kernel_log import CHECK as KERNEL_LOG
+from testbed.check.model import CheckInfo, ScenarioResult, Status
+from testbed.designs import DEFAULT_DESIGN, Design, get_design
+from testbed.errors import UsageError
 from testbed.progress import Progress
 from testbed.report.common import RunMeta
-from testbed.runner import GuestSpec, RunInterrupted, default_parallel, run_all
-from testbed.scenarios import BUGS, SCENARIOS, requires, select
+from testbed.runner import (
+    DEFAULT_MODES,
+    MODES,
+    GuestSpec,
+    Mode,
+    RunInterrupted,
+    check_append,
+    default_parallel,
+    expand_modes,
+    parse_modes,
+    run_all,
+)
 
-DEFAULT_SERIES = "rpal-ref"
+
+def _design(args: argparse.Namespace) -> Design:
+    return get_design(getattr(args, "design", DEFAULT_DESIGN))
+
+
+def all_checks(design: Design) -> dict[str, CheckInfo]:
+    """The design's checks and the design-independent kernel_log check."""
+    return {**design.checks, KERNEL_LOG.name: KERNEL_LOG}
 
 
 def guest_spec(args: argparse.Namespace) -> tuple[GuestSpec, dict[str, float]]:
@@ -34,28 +52,54 @@ def guest_spec(args: argparse.Namespace) -> tuple[GuestSpec, dict[str, float]]:
     else:
         from testbed.build.kernel import build_kernel
 
-        kernel = build_kernel(series=DEFAULT_SERIES).bzimage
+        kernel = build_kernel(series=_design(args).kernel_series).bzimage
     timings["kernel"] = round(time.monotonic() - t0, 2)
     info = inspect_kernel(kernel)
-    requires(kernel)
+    check_kernel = _design(args).check_kernel
+    if check_kernel is not None:
+        check_kernel(kernel)  # before any guest boots: a kernel the design cannot run on
     t0 = time.monotonic()
     image = build_image(ImageSpec(kernel=info))
     timings["image"] = round(time.monotonic() - t0, 2)
-    accel = resolve_accel(args.accel, args.paging, kernel, image.path)
+    modes = run_modes(args)
+    accel = resolve_accel(args.accel, modes[0].paging, kernel, image.path)
     print(f"testbed: {accel.describe()}", file=sys.stderr)
-    spec = GuestSpec(kernel=kernel, initrd=image.path, accel=accel, paging=args.paging,
-                     pti=args.pti, append=args.append)
+    spec = GuestSpec(kernel=kernel, initrd=image.path, accel=accel, paging=modes[0].paging,
+                     pti=modes[0].pti, append=args.append)
     return spec, timings
 
 
+def run_modes(args: argparse.Namespace) -> tuple[Mode, ...]:
+    """--paging/--pti name one mode; otherwise --modes (default: l5 and l4pti)."""
+    if args.paging is not None or args.pti is not None:
+        if args.modes is not None:
+            raise UsageError("--modes and --paging/--pti exclude each other: use one")
+        paging = args.paging or 5
+        pti = args.pti or "auto"
+        known = next((m for m in MODES.values() if (m.paging, m.pti) == (paging, pti)), None)
+        return (known or Mode(f"l{paging}-pti{pti}", paging, pti),)
+    return parse_modes(",".join(DEFAULT_MODES) if args.modes is None else args.modes)
+
+
+def check_usage(args: argparse.Namespace) -> None:
+    """Option values checked before anything is built or booted."""
+    check_append(args.append)
+    run_modes(args)
+    if getattr(args, "repeat", 1) < 1:
+        raise UsageError(f"--repeat {args.repeat}: must be 1 or more")
+    if args.parallel < 1:
+        raise UsageError(f"--parallel {args.parallel}: must be 1 or more")
+
+
 def _meta(spec: GuestSpec, bugs: tuple[str, ...], started: float, timings: dict[str, float],
-          results: list[ScenarioResult]) -> RunMeta:
-    osrel = next((s["kernel"]["osrelease"] for r in results for s in r.snapshots.values()), "")
+          results: list[ScenarioResult], modes: tuple[Mode, ...], design: Design) -> RunMeta:
+    osrel = next((s.kernel.osrelease for r in results for s in r.snapshots.values()), "")
     return RunMeta(
+        design=design.name, title=design.title, checks=all_checks(design),
         kernel=str(spec.kernel), osrelease=osrel, bugs=bugs, accel=spec.accel.describe(),
         started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         seconds=round(time.time() - started, 1), timings=timings,
-        extra={"paging": spec.paging, "pti": spec.pti},
+        extra={"modes": [m.name for m in modes], "append": spec.append},
     )
 
 
@@ -67,24 +111,27 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     terminate_on_signals()
     started = time.time()
-    scenarios = select(args.scenario)
+    check_usage(args)
+    design = _design(args)
+    scenarios = design.select(args.scenario)
+    modes = run_modes(args)
     bugs = tuple(args.bug or ())
-    unknown = [b for b in bugs if b not in BUGS]
-    if unknown:
-        raise TestbedError(f"unknown bug {', '.join(unknown)}: choose from {', '.join(BUGS)}")
+    design.check_bugs(bugs)
     parent = _parent(args.run_dir, "run")
     spec, timings = guest_spec(args)
     prog = Progress("run")
-    prog.update(f"{len(scenarios)} scenario(s) on {args.parallel} guest(s) at a time", force=True)
+    jobs = [(sc, bugs, mode) for sc, mode in expand_modes(scenarios, modes)]
+    prog.update(f"{len(jobs)} scenario run(s) ({', '.join(m.name for m in modes)}) on "
+                f"{args.parallel} guest(s) at a time", force=True)
     t0 = time.monotonic()
     stopped: RunInterrupted | None = None
     try:
-        results = run_all([(sc, bugs) for sc in scenarios], spec, parent, args.parallel)
+        results = run_all(jobs, spec, parent, args.parallel)
     except RunInterrupted as exc:
         stopped, results = exc, exc.finished
     timings["scenarios"] = round(time.monotonic() - t0, 2)
     prog.done("interrupted" if stopped else "done")
-    meta = _meta(spec, bugs, started, timings, results)
+    meta = _meta(spec, bugs, started, timings, results, modes, design)
     if stopped:
         meta.extra["interrupted"] = str(stopped)
     print_summary(results, meta)
@@ -109,22 +156,29 @@ def _parent(run_dir: Path | None, kind: str) -> Path:
 
 
 def matrix_rows(per_bug: dict[str, list[list[ScenarioResult]]], checks: list[str],
-                *, every_bug_must_show: bool = True) -> tuple[list[dict[str, Any]], list[str]]:
+                *, every_bug_must_show: bool = True, infos: dict[str, CheckInfo] | None = None
+                ) -> tuple[list[dict[str, Any]], list[str]]:
     """Cells of the matrix and the problems (false alarms, uncaught bugs). Pure.
 
     Without `every_bug_must_show` (some of the scenarios, every bug) an uncaught
     bug is reported in its row but is not a problem: those scenarios may not
     exercise it.
     """
+    infos = infos if infos is not None else all_checks(get_design())
     rows, problems = [], []
     for bug, reps in per_bug.items():
         failed = [set().union(*(r.failed_checks() for r in rep)) for rep in reps]
+        # a bug is caught by a check's *fail*: an error (could not judge, not exercised,
+        # e.g. a workload that crashed before its checkpoints) shows as ERR, catches nothing
+        fails = [set().union(*(r.checks_with(Status.FAIL) for r in rep)) for rep in reps]
         cells = {}
         for c in checks:
-            n = sum(c in f for f in failed)
-            named = "*" if bug and bug in CHECKS[c].bugs else ""
+            n = sum(c in f for f in fails)
+            e = sum(c in f and c not in g for f, g in zip(failed, fails, strict=True))
+            named = "*" if bug and c in infos and bug in infos[c].bugs else ""
             cells[c] = (f"FAIL{named}" if n == len(reps) else f"FAIL {n}/{len(reps)}{named}"
-                        if n else ("-" + named if named else "-"))
+                        if n else f"ERR{named}" if e == len(reps) else
+                        f"ERR {e}/{len(reps)}{named}" if e else ("-" + named if named else "-"))
         other = sorted(set().union(*failed) - set(checks))
         if not bug:
             bad = sorted(set().union(*failed))
@@ -132,7 +186,8 @@ def matrix_rows(per_bug: dict[str, list[list[ScenarioResult]]], checks: list[str
             if bad:
                 problems.append(f"the correct kernel failed {', '.join(bad)}")
         else:
-            caught = all(any(c in f and bug in CHECKS[c].bugs for c in checks) for f in failed)
+            caught = all(any(c in f and c in infos and bug in infos[c].bugs for c in checks)
+                         for f in fails)
             if caught:
                 verdict = "caught"
             elif every_bug_must_show:
@@ -151,11 +206,16 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 
     terminate_on_signals()
     started = time.time()
-    scenarios = select(args.scenario)
-    bugs = [""] + list(args.bug or BUGS)
+    check_usage(args)
+    design = _design(args)
+    scenarios = design.select(args.scenario)
+    modes = run_modes(args)
+    bugs = [""] + list(args.bug or design.bugs)
     parent = _parent(args.run_dir, "matrix")
     spec, timings = guest_spec(args)
-    jobs = [(sc, (b,) if b else ()) for _ in range(args.repeat) for b in bugs for sc in scenarios]
+    runs = expand_modes(scenarios, modes)
+    jobs = [(sc, (b,) if b else (), mode) for _ in range(args.repeat) for b in bugs
+            for sc, mode in runs]
     prog = Progress("matrix")
     prog.update(f"{len(jobs)} guests, {args.parallel} at a time", force=True)
     try:
@@ -168,12 +228,13 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     i = 0
     for _ in range(args.repeat):
         for b in bugs:
-            per_bug[b].append(results[i:i + len(scenarios)])
-            i += len(scenarios)
-    checks = list(CHECKS)
+            per_bug[b].append(results[i:i + len(runs)])
+            i += len(runs)
+    infos = all_checks(design)
+    checks = list(infos)
     # every bug must show when all scenarios ran, or when the bugs were chosen by name
-    must_show = bool(args.bug) or len(scenarios) == len(SCENARIOS)
-    rows, problems = matrix_rows(per_bug, checks, every_bug_must_show=must_show)
+    must_show = bool(args.bug) or len(scenarios) == len(design.scenarios)
+    rows, problems = matrix_rows(per_bug, checks, every_bug_must_show=must_show, infos=infos)
     text = text_env().get_template("matrix.txt.j2").render(
         rows=rows, checks=checks, repeat=args.repeat, ok=not problems, problems=problems,
         seconds=time.time() - started,
@@ -181,7 +242,8 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     sys.stdout.write(text)
     doc = {
         "schema": "testbed.matrix", "schema_version": 1, "repeat": args.repeat,
-        "scenarios": [s.name for s in scenarios], "checks": checks, "rows": rows,
+        "scenarios": [s.name for s in scenarios], "modes": [m.name for m in modes],
+        "checks": checks, "rows": rows,
         "problems": problems, "seconds": round(time.time() - started, 1),
         "runs": _matrix_runs(results),
     }
@@ -212,20 +274,27 @@ def _matrix_interrupted(exc: RunInterrupted, args: argparse.Namespace, scenarios
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("scenario", nargs="*", help=f"scenarios (default all: {', '.join(SCENARIOS)})")
+    design = get_design(DEFAULT_DESIGN)
+    p.add_argument("scenario", nargs="*",
+                   help=f"scenarios (default all: {', '.join(design.scenarios)})")
     p.add_argument("--kernel", type=Path,
                    help=f"bzImage with vmlinux or System.map beside it, or a cached build's "
                         f"key (default: the "
-                        f"{DEFAULT_SERIES} reference kernel, built or from the cache)")
+                        f"{design.kernel_series} reference kernel, built or from the cache)")
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
-    p.add_argument("--paging", type=int, choices=(4, 5), default=5)
-    p.add_argument("--pti", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--modes", metavar="M,M",
+                   help=f"paging modes to run the scenarios in, of {', '.join(MODES)} "
+                        f"(l5: 5-level paging, PTI off; l4pti: 4-level, PTI on; default "
+                        f"{','.join(DEFAULT_MODES)}); the selftest runs in the first only")
+    p.add_argument("--paging", type=int, choices=(4, 5), default=None,
+                   help="run in this one paging mode (with --pti; default: --modes)")
+    p.add_argument("--pti", choices=("auto", "on", "off"), default=None)
     p.add_argument("--append", default="", help="extra kernel command line")
     p.add_argument("--parallel", type=int, default=default_parallel(), metavar="N",
                    help="guests at a time (default: host CPUs / 2, at most 4)")
     p.add_argument("--run-dir", type=Path, help="parent folder of the scenarios' run folders")
-    p.add_argument("--bug", action="append", choices=BUGS, metavar="NAME",
-                   help=f"boot with this injected bug (repeatable): {', '.join(BUGS)}")
+    p.add_argument("--bug", action="append", choices=design.bugs, metavar="NAME",
+                   help=f"boot with this injected bug (repeatable): {', '.join(design.bugs)}")
     p.add_argument("--json", type=Path, metavar="FILE", help="JSON report")
 
 

@@ -20,21 +20,63 @@ from typing import Any
 
 from testbed import paths
 from testbed.boot.hostcaps import Accel
-from testbed.boot.machine import (
-    Checkpoint,
-    Machine,
-    MachineConfig,
-    stop_all_guests,
-)
-from testbed.check.model import Finding, ScenarioResult
-from testbed.check.output import parse_workload_output
-from testbed.check.rpal import check_snapshots
-from testbed.errors import Interrupted, TestbedError
-from testbed.scenarios import Scenario
+from testbed.boot.machine import Checkpoint, Machine, MachineConfig, stop_all_guests
+from testbed.check.kernel_log import check_kernel_log
+from testbed.check.model import Finding, ScenarioResult, Status, missing_checks
+from testbed.designs import Design, Scenario, get_design
+from testbed.errors import Interrupted, TestbedError, UsageError
 from testbed.snapshot.live import LiveSnapshotter, write_snapshot
-from testbed.snapshot.snapshot import Trigger
+from testbed.snapshot.model import Snapshot, Trigger
 
 WORKLOAD_TIMEOUT = 300.0
+
+
+@dataclass(frozen=True)
+class Mode:
+    """A paging mode the scenarios run in: page-table levels and page-table isolation."""
+
+    name: str
+    paging: int
+    pti: str  # on | off | auto
+
+    def describe(self) -> str:
+        return f"{self.paging}-level paging, PTI {self.pti}"
+
+
+# The modes of the default job: some bugs exist only under 4-level paging with PTI (the
+# user-root copy of a slot entry), and stale TLB entries show differently under PTI.
+MODES: dict[str, Mode] = {m.name: m for m in (
+    Mode("l5", 5, "off"),
+    Mode("l4pti", 4, "on"),
+    Mode("l5pti", 5, "on"),
+    Mode("l4", 4, "off"),
+)}
+DEFAULT_MODES = ("l5", "l4pti")
+
+
+def parse_modes(text: str) -> tuple[Mode, ...]:
+    """`l5,l4pti` -> modes; a usage error names the unknown one."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in MODES]
+    if unknown or not names:
+        raise UsageError(f"--modes {text!r}: choose from {', '.join(MODES)} "
+                         "(comma-separated)")
+    return tuple(dict.fromkeys(MODES[n] for n in names))
+
+
+def check_append(text: str) -> str:
+    """The user's extra kernel command line, refused when it would swallow what follows.
+
+    The kernel's parser lets a double quote run to the end of the line, so an odd
+    number of quotes would hide the bug parameter (`rpal.bug=`) and everything after it; a control
+    character (newline) has no place on a command line either.
+    """
+    if text.count('"') % 2:
+        raise UsageError(f"--append {text!r}: unbalanced double quote (the kernel would "
+                         "read the rest of the command line as its value)")
+    if any(not c.isprintable() for c in text):
+        raise UsageError(f"--append {text!r}: control characters are not allowed")
+    return text
 
 
 @dataclass(frozen=True)
@@ -99,9 +141,31 @@ def split_output(text: str, count: int) -> list[tuple[str, int | None]]:
     return out
 
 
-def kernel_append(spec: GuestSpec, bugs: tuple[str, ...]) -> str:
-    """The extra kernel command line of a scenario's guest: the spec's, then rpal.bug=."""
-    return " ".join(x for x in (spec.append, f"rpal.bug={','.join(bugs)}" if bugs else "") if x)
+def kernel_append(spec: GuestSpec, bugs: tuple[str, ...], design: Design) -> str:
+    """The extra kernel command line of a scenario's guest: the design's bug parameter
+    (e.g. rpal.bug=), then the spec's.
+
+    The bug parameter goes first so that nothing the user appends can hide it; the
+    runner still reads back the bugs in effect after boot (bugs_in_effect).
+    """
+    return " ".join(x for x in (design.bug_append(bugs), spec.append) if x)
+
+
+def parse_bug_param(text: str) -> tuple[str, ...]:
+    """The contents of a bug parameter's sysfs file ("none" or "a,b") as sorted names."""
+    names = [n for n in text.strip().split(",") if n and n != "none"]
+    return tuple(sorted(names))
+
+
+def bugs_in_effect(m: Machine, design: Design) -> tuple[str, ...]:
+    """The injected bugs the guest kernel really runs with, read from sysfs."""
+    path = design.bug_sysfs
+    res = m.run(f"cat {path}", timeout=30, label="read the bugs in effect")
+    if res.status != 0:
+        raise TestbedError(f"cannot read {path} in the guest (status {res.status}): "
+                           f"is this a {design.kernel_series} reference kernel?",
+                           run_dir=m.run_dir)
+    return parse_bug_param(res.stdout.decode(errors="replace")[:4096])
 
 
 def _testbed_program() -> str:
@@ -121,16 +185,22 @@ def reproduce_commands(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...]
     prog = _testbed_program()
     guest = ["--kernel", str(spec.kernel), "--accel", spec.accel.accel,
              "--paging", str(spec.paging), "--pti", spec.pti]
-    run = [prog, "run", sc.name, *guest]
+    run = [prog, "run", sc.name.split("@")[0], *guest]
     for b in bugs:
         run += ["--bug", b]
     if spec.append:
         run += ["--append", spec.append]
-    append = kernel_append(spec, bugs)
+    append = kernel_append(spec, bugs, get_design(sc.design))
     boot = [prog, "boot", *guest, "--smp", str(sc.smp), "--mem", str(spec.mem_mib)]
     if append:
         boot += ["--append", append]
     return run, boot
+
+
+def _comment_lines(lines: list[str]) -> list[str]:
+    """Shell comment lines: every line of every text gets its own "# " (a newline in an
+    argument can't end a comment early and become a command)."""
+    return ["# " + part for text in lines for part in text.splitlines() or [""]]
 
 
 def write_reproducer(run_dir: Path, sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...]
@@ -139,44 +209,75 @@ def write_reproducer(run_dir: Path, sc: Scenario, spec: GuestSpec, bugs: tuple[s
     run, boot = reproduce_commands(sc, spec, bugs)
     by_hand = (f"then, in the guest: {'; '.join(sc.workloads)}" if sc.workloads
                else f"then: {_testbed_program()} selftest {sc.selftest} with the same options")
-    text = "\n".join([
-        "#!/bin/sh",
-        f"# Scenario {sc.name} (bugs: {', '.join(bugs) or 'none'}) as testbed ran it into",
-        f"# {run_dir}.",
-        "# Runs it again with its checks and reports. To work in the same guest by hand:",
-        f"#   {shlex.join(boot)}",
-        f"#   {by_hand}",
-        f"exec {shlex.join(run)} \"$@\"",
-        "",
-    ])
+    comment = [
+        f"Scenario {sc.name} (bugs: {', '.join(bugs) or 'none'}) as testbed ran it into",
+        f"{run_dir}.",
+        "Runs it again with its checks and reports. To work in the same guest by hand:",
+        f"  {shlex.join(boot)}",
+        f"  {by_hand}",
+    ]
+    text = "\n".join(["#!/bin/sh", *_comment_lines(comment),
+                      f"exec {shlex.join(run)} \"$@\"", ""])
     path = run_dir / "reproduce.sh"
     path.write_text(text)
     path.chmod(0o755)
     return path
 
 
-def run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], parent: Path
-                 ) -> ScenarioResult:
+def run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], parent: Path,
+                 mode: Mode | None = None) -> ScenarioResult:
+    """One scenario on a guest of its own; with `mode`, in that paging mode, and the
+    result is named `SCENARIO@MODE`."""
     t0 = time.monotonic()
+    if mode is not None:
+        spec = replace(spec, paging=mode.paging, pti=mode.pti)
+    name = f"{sc.name}@{mode.name}" if mode is not None else sc.name
     tag = "+".join(bugs) if bugs else "nobug"
-    run_dir = paths.new_run_dir(f"{sc.name}-{tag}", parent)
-    append = kernel_append(spec, bugs)
+    run_dir = paths.new_run_dir(f"{name.replace('@', '-')}-{tag}", parent)
+    design = get_design(sc.design)
+    append = kernel_append(spec, bugs, design)
     cfg = MachineConfig(
         kernel=spec.kernel, initrd=spec.initrd, accel=spec.accel, smp=sc.smp,
         mem_mib=spec.mem_mib, paging=spec.paging, pti=spec.pti, append=append,
         boot_timeout=spec.boot_timeout,
     )
-    result = ScenarioResult(sc.name, [], str(run_dir), bugs)
+    result = ScenarioResult(name, [], str(run_dir), bugs, design=design.name)
+    try:
+        _run_scenario(sc, spec, bugs, run_dir, cfg, result, design)
+    finally:
+        result.seconds = round(time.monotonic() - t0, 2)
+        (run_dir / "findings.json").write_text(
+            json.dumps([f.to_dict() for f in result.findings], indent=1) + "\n"
+        )
+    return result
+
+
+def _check_bugs(m: Machine, bugs: tuple[str, ...], design: Design) -> None:
+    """Stop unless the guest kernel runs with exactly the injected bugs asked for."""
+    got = bugs_in_effect(m, design)
+    if got != tuple(sorted(bugs)):
+        raise TestbedError(
+            f"the guest kernel runs with injected bugs {', '.join(got) or 'none'}, not the "
+            f"bugs asked for ({', '.join(sorted(bugs)) or 'none'}): check --append and the "
+            f"kernel's {design.bug_param}= names", run_dir=m.run_dir)
+
+
+def _run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], run_dir: Path,
+                  cfg: MachineConfig, result: ScenarioResult, design: Design) -> None:
+    name = result.scenario
     result.reproduce = str(write_reproducer(run_dir, sc, spec, bugs))
-    snapshots: list[dict[str, Any]] = []
+    snapshots: list[Snapshot] = []
+    outputs: list[tuple[str, str, int | None]] = []
     snapper: LiveSnapshotter | None = None
     machine: Machine | None = None
     try:
         machine = Machine(cfg, run_dir)
         if sc.selftest:
-            return _run_selftest(sc, machine, result, t0)
+            _run_selftest(sc, machine, result, bugs, design)
+            return
         with machine as m:
             assert m.qmp is not None
+            _check_bugs(m, bugs, design)
             snapper = LiveSnapshotter(m.qmp, m.ram_path, spec.kernel)
 
             def on_checkpoint(ck: Checkpoint) -> None:
@@ -191,31 +292,47 @@ def run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], parent: P
             result.output = text
             for w, (out, status) in zip(sc.workloads, split_output(text, len(sc.workloads)),
                                         strict=True):
-                result.findings += parse_workload_output(out, scenario=sc.name,
-                                                         workload=w.split()[0], status=status)
+                outputs.append((w.split()[0], out, status))
     except TestbedError as exc:
         result.error = exc.one_line()
     finally:
         if snapper is not None:
             snapper.close()
+        if machine is not None:
+            result.findings += kernel_log_findings(machine.console_log, name)
     # a refused or failed checkpoint is a finding of its own, whatever became of the command
     for entry in machine.checkpoint_log if machine is not None else ():
         if "error" in entry:
             result.findings.append(Finding(
-                "snapshot", False, f"snapshot at {entry.get('name', '?')} failed: "
-                f"{entry['error']}", sc.name, str(entry.get("name", "")), error=True,
+                "snapshot", Status.ERROR, f"snapshot at {entry.get('name', '?')} failed: "
+                f"{entry['error']}", name, str(entry.get("name", "")),
             ))
-    result.findings += check_snapshots(snapshots, sc.name)
-    result.snapshots = {s["name"]: s for s in snapshots}
-    result.seconds = round(time.monotonic() - t0, 2)
-    (run_dir / "findings.json").write_text(
-        json.dumps([f.to_dict() for f in result.findings], indent=1) + "\n"
-    )
-    return result
+    result.findings += design.judge(snapshots, replace(sc, name=name), outputs)
+    if not result.error:
+        result.findings += missing_checks(sc.checks, result.findings, scenario=name)
+    result.snapshots = {s.name: s for s in snapshots}
 
 
-def _run_selftest(sc: Scenario, machine: Machine, result: ScenarioResult, t0: float
-                  ) -> ScenarioResult:
+CONSOLE_SCAN_LIMIT = 32 << 20  # bytes of a console log the kernel_log check reads
+
+
+def kernel_log_findings(console_log: Path, scenario: str) -> list[Finding]:
+    """The kernel_log check over a guest's console log (an error when it can't be read).
+
+    The guest controls how much it prints: at most CONSOLE_SCAN_LIMIT bytes are read.
+    """
+    try:
+        with open(console_log, "rb") as f:
+            data = f.read(CONSOLE_SCAN_LIMIT)
+        text: str | None = data.decode(errors="replace")
+        why = ""
+    except OSError as exc:
+        text, why = None, f"{console_log}: {exc.strerror}"
+    return list(check_kernel_log(text, scenario=scenario, why_missing=why))
+
+
+def _run_selftest(sc: Scenario, machine: Machine, result: ScenarioResult,
+                  bugs: tuple[str, ...], design: Design) -> None:
     from testbed.build.selftests import build_selftest
     from testbed.check.selftests import put_in_image, run_selftest
 
@@ -224,15 +341,33 @@ def _run_selftest(sc: Scenario, machine: Machine, result: ScenarioResult, t0: fl
     put_in_image(machine, st)
     try:
         with machine as m:
+            _check_bugs(m, bugs, design)
             sub = run_selftest(m, st)
     except TestbedError as exc:
         result.error = exc.one_line()
     else:
-        result.findings = [replace(f, scenario=sc.name) for f in sub.findings]
+        result.findings = [replace(f, scenario=result.scenario) for f in sub.findings]
         result.output = sub.output
         result.error = sub.error
-    result.seconds = round(time.monotonic() - t0, 2)
-    return result
+        if not result.error:
+            result.findings += missing_checks(sc.checks, result.findings,
+                                              scenario=result.scenario)
+
+
+Job = tuple[Scenario, tuple[str, ...], "Mode | None"]
+
+
+def expand_modes(scenarios: Sequence[Scenario], modes: Sequence[Mode]
+                 ) -> list[tuple[Scenario, Mode]]:
+    """Each scenario in each mode; a scenario that takes no snapshot (the selftest) runs
+    once, in the first mode."""
+    out: list[tuple[Scenario, Mode]] = []
+    for sc in scenarios:
+        for i, mode in enumerate(modes):
+            if sc.selftest and i:
+                continue
+            out.append((sc, mode))
+    return out
 
 
 class RunInterrupted(Exception):
@@ -248,15 +383,16 @@ class RunInterrupted(Exception):
 STOP_GRACE = 5.0  # seconds an interrupted run gives its workers to wind down
 
 
-def run_all(jobs: Sequence[tuple[Scenario, tuple[str, ...]]], spec: GuestSpec, parent: Path,
+def run_all(jobs: Sequence[Job], spec: GuestSpec, parent: Path,
             parallel: int) -> list[ScenarioResult]:
-    """Run (scenario, bugs) jobs on `parallel` guests at a time; results in job order.
+    """Run (scenario, bugs, mode) jobs on `parallel` guests at a time; results in job order.
 
     On a signal (Interrupted, see terminate_on_signals): no queued job starts, every
     guest is stopped, and RunInterrupted carries the results finished before it.
     """
     pool = ThreadPoolExecutor(max_workers=max(1, parallel))
-    futures = [pool.submit(run_scenario, sc, spec, bugs, parent) for sc, bugs in jobs]
+    futures = [pool.submit(run_scenario, sc, spec, bugs, parent, mode)
+               for sc, bugs, mode in jobs]
     try:
         results = [f.result() for f in futures]
     except Interrupted as sig:

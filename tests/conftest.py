@@ -44,3 +44,51 @@ def qemu_processes_for(marker: str) -> list[str]:
     """Command lines of live QEMU processes whose arguments mention `marker`."""
     out = subprocess.run(["pgrep", "-af", "qemu-system"], capture_output=True, text=True).stdout
     return [ln for ln in out.splitlines() if marker in ln]
+
+
+# ----------------------------------------------------------------------------- skips in CI
+# With TESTBED_FAIL_ON_SKIP=1 (.ci/run sets it) a skipped test fails the session unless
+# its reason matches a line of tests/allowed-skips.txt: a green CI must not hide a test
+# that silently stopped running (say, because a pinned file name went stale).
+ALLOWED_SKIPS = Path(__file__).with_name("allowed-skips.txt")
+_skips: list[tuple[str, str]] = []
+
+
+def _allowed_skip_patterns() -> list[str]:
+    import re
+
+    out = []
+    for line in ALLOWED_SKIPS.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            re.compile(line)
+            out.append(line)
+    return out
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(
+            report.longrepr)
+        _skips.append((report.nodeid, str(reason)))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    import re
+
+    if os.environ.get("TESTBED_FAIL_ON_SKIP") != "1" or not _skips:
+        return
+    patterns = _allowed_skip_patterns()
+    bad = [(n, r) for n, r in _skips if not any(re.search(p, r) for p in patterns)]
+    if bad:
+        tr = session.config.pluginmanager.get_plugin("terminalreporter")
+        if tr is not None:
+            tr.ensure_newline()
+            tr.write_sep("=", f"{len(bad)} skip(s) not in tests/allowed-skips.txt", red=True)
+        for n, r in bad:
+            line = f"SKIP NOT ALLOWED: {n}: {r}"
+            if tr is not None:
+                tr.write_line(line, red=True)
+            else:
+                print(line)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from testbed.boot.kernelimage import debian_kernel
 from testbed.snapshot.migstream import parse_migration_stream
 
 DATA = Path(__file__).parent / "data"
@@ -25,7 +26,7 @@ pytestmark = [
     pytest.mark.skipif(
         shutil.which("qemu-system-x86_64") is None
         or shutil.which("gcc") is None
-        or not Path("/boot/vmlinuz-6.1.0-56-amd64").exists(),
+        or debian_kernel() is None,
         reason="needs qemu-system-x86_64, gcc and the Debian kernel",
     ),
 ]

@@ -106,16 +106,6 @@ def test_command_that_hangs_times_out(runs_dir: Path):
     assert_cleaned_up(only_run_dir(runs_dir))
 
 
-@pytest.mark.parametrize(
-    "kernel, words",
-    [("/nonexistent/bzImage", "does not exist"), ("/etc/passwd", "not a bzImage")],
-)
-def test_bad_kernel_paths(runs_dir: Path, kernel: str, words: str):
-    res = run_testbed("exec", "--kernel", kernel, "--", "true")
-    assert_one_line_error(res, kernel, words)
-    run_dir = only_run_dir(runs_dir)
-    assert words in (run_dir / "error.txt").read_text()
-
 
 def test_qemu_crash_is_reported(runs_dir: Path, spawn):
     proc = spawn("exec", "--", "sleep", "120")

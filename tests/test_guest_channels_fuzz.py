@@ -31,7 +31,9 @@ from testbed.boot.machine import (
     parse_checkpoint_request,
 )
 from testbed.boot.ssh import BoundedBuffer
+from testbed.check.model import Status
 from testbed.check.output import MAX_VERDICTS, parse_workload_output
+from testbed.designs.rpal.output import OUTPUT_CHECKS
 from testbed.runner import guest_script, split_output
 
 TRICKY_NAMES = ["..", ".", "../x", "/etc/passwd", "a/../../b", "x" * 70, "", "\x00", "a\x00b",
@@ -101,6 +103,8 @@ def test_bounded_lines_never_yield_more_than_the_limit(chunks: list[bytes]) -> N
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 def test_checkpoint_channel_answers_every_line_and_writes_only_in_its_folder(
         lines: list[bytes]) -> None:
+    from test_hardening import StandIn
+
     from testbed.snapshot.live import write_snapshot
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -112,7 +116,7 @@ def test_checkpoint_channel_answers_every_line_and_writes_only_in_its_folder(
         run_dir.mkdir()
         m = Machine(cfg, run_dir)
         folder = run_dir / "snapshots"
-        m.on_checkpoint = lambda ck: write_snapshot({"n": ck.name}, folder, ck.name) and None
+        m.on_checkpoint = lambda ck: write_snapshot(StandIn(ck.name), folder, ck.name) and None
         # a line with a newline inside is two requests to the host, as on the wire
         wire = b"".join(ln if ln.endswith(b"\n") else ln + b"\n" for ln in lines)
         requests = wire.count(b"\n")
@@ -158,7 +162,8 @@ def test_command_output_parsers_take_anything(lines: list[str], count: int) -> N
     assert len(parts) == count
     for out, status in parts:
         assert status is None or 0 <= status < 10**9
-        findings = parse_workload_output(out, scenario="s", workload="w", status=status)
+        findings = parse_workload_output(out, scenario="s", workload="w", status=status,
+                                         checks=OUTPUT_CHECKS)
         assert findings  # never silent: a verdict or an error finding
         assert len(findings) <= MAX_VERDICTS + 2
 
@@ -191,6 +196,7 @@ def test_many_fake_markers_are_parsed_in_linear_time() -> None:
 
 def test_a_flood_of_verdict_lines_gives_bounded_findings() -> None:
     text = "x: ok pkru: fine\n" * (MAX_VERDICTS * 5)
-    findings = parse_workload_output(text, scenario="s", workload="w", status=0)
+    findings = parse_workload_output(text, scenario="s", workload="w", status=0,
+                                     checks=OUTPUT_CHECKS)
     assert len(findings) == MAX_VERDICTS + 1
-    assert any(f.error and "more than" in f.message for f in findings)
+    assert any(f.status is Status.ERROR and "more than" in f.message for f in findings)

@@ -98,7 +98,17 @@ def snapshot_into(m: Machine, folder: Path) -> None:
     """The handler `exec --snapshots` installs, with a stand-in snapshot."""
     from testbed.snapshot.live import write_snapshot
 
-    m.on_checkpoint = lambda ck: write_snapshot({"name": ck.name}, folder, ck.name) and None
+    m.on_checkpoint = lambda ck: write_snapshot(StandIn(ck.name), folder, ck.name) and None
+
+
+class StandIn:
+    """What write_snapshot needs of a Snapshot."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def dumps(self) -> str:
+        return json.dumps({"name": self.name})
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120
@@ -133,7 +143,7 @@ def test_write_snapshot_refuses_a_name_with_a_path(tmp_path: Path) -> None:
     from testbed.snapshot.live import write_snapshot
 
     with pytest.raises(ValueError):
-        write_snapshot({}, tmp_path / "D", "../escaped")
+        write_snapshot(StandIn("x"), tmp_path / "D", "../escaped")  # type: ignore[arg-type]
     assert not (tmp_path / "escaped.json").exists()
 
 
@@ -419,7 +429,8 @@ def fake_scenarios(monkeypatch: pytest.MonkeyPatch, seconds: float) -> list[str]
 
     started: list[str] = []
 
-    def run_scenario(sc: Any, spec: Any, bugs: Any, parent: Path) -> ScenarioResult:
+    def run_scenario(sc: Any, spec: Any, bugs: Any, parent: Path, mode: Any = None
+                     ) -> ScenarioResult:
         started.append(sc.name)
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
@@ -440,7 +451,7 @@ def test_interrupted_run_all_starts_no_queued_job_and_returns_what_finished(
 
     started = fake_scenarios(monkeypatch, 0.3)
     scs = list(SCENARIOS.values())
-    jobs = [(scs[i % len(scs)], ()) for i in range(20)]
+    jobs = [(scs[i % len(scs)], (), None) for i in range(20)]
     terminate_on_signals()
     threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
     with pytest.raises(RunInterrupted) as ei:
@@ -782,7 +793,7 @@ def test_failed_ssh_attempts_print_no_paramiko_tracebacks(tmp_path: Path) -> Non
 
 
 def test_requires_refuses_a_kernel_without_rpal(tmp_path: Path) -> None:
-    from testbed.scenarios import requires
+    from testbed.designs.rpal.kernel import requires
 
     k = tmp_path / "bzImage"
     k.write_bytes(fake_bzimage())

@@ -548,7 +548,7 @@ def test_second_build_of_same_inputs_is_a_cache_hit(
     monkeypatch.setattr(kernel, "_build_locked", lambda *a, **k: pytest.fail("rebuilt"))
     kb = kernel.build_kernel(config_fragments=["CONFIG_X=y"], source=tb)
     assert kb.cached and kb.key == key and kb.bzimage == d / "bzImage"
-    assert kb.seconds < 5
+    # how fast a hit is: bench/offline_time.py
     rows = kernel.list_cached()
     assert [(r["key"], r["series"], r["base_version"]) for r in rows] == [
         (key, "-", "toy 6.1.999")]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +61,7 @@ def test_recorded_page_tables(variant: str) -> None:
     stack = w.translate(root, regs.regs["RSP"])
     assert stack.mapped and stack.write and stack.nx
 
-    t0 = time.perf_counter()
-    maps = w.mappings(root)
-    walk_s = time.perf_counter() - t0
-    assert walk_s < 1.0
+    maps = w.mappings(root)  # its time: bench/offline_time.py
     by_va = {m.start: m for m in maps}
     marker = next(m for m in maps if m.start <= rec["marker_va"] < m.end)
     assert marker.pkey == max(rec["pkey"], 0) and marker.perms() == "rw-"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from testbed.boot.kernelimage import debian_kernel
 from testbed.errors import TestbedError
 from testbed.snapshot import pagetable
 from testbed.snapshot.physmem import (
@@ -28,13 +29,13 @@ from testbed.snapshot.physmem import (
     pmemsave_read,
 )
 
-KERNEL = Path("/boot/vmlinuz-6.1.0-56-amd64")
+KERNEL = debian_kernel()
 RAM = 128 << 20
 MARKER_AT = 0x600_0000
 pytestmark = [
     pytest.mark.vm,
     pytest.mark.skipif(
-        shutil.which("qemu-system-x86_64") is None or not KERNEL.exists(),
+        shutil.which("qemu-system-x86_64") is None or KERNEL is None,
         reason="needs qemu-system-x86_64 and the Debian kernel",
     ),
 ]

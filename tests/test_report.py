@@ -6,31 +6,31 @@ import io
 import json
 import re
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
+import synth
 
-from testbed.check.model import Finding, ScenarioResult
+from testbed.check.model import Finding, ScenarioResult, Status
+from testbed.designs.rpal import DESIGN
 from testbed.report import html, jsonreport, junit, slotgraph, summary
 from testbed.report.common import RunMeta, totals
+from testbed.snapshot.model import Absent, Kernel, SlotEntry, Snapshot, Task, Trigger, json_schema
 
 A_TABLE = "0x3a41000"
 B_TABLE = "0x3b52000"
 INIT_T0, INIT_T255 = "0x2000000", "0x2001000"
 
 
-def _slot(slot: int, table: str, marker: bool = False) -> dict[str, Any]:
-    raw = int(table, 16) | 0x67 | (1 << 9 if marker else 0)
-    return {"slot": slot, "raw": hex(raw), "table": table, "present": True, "marker": marker,
-            "user": True, "write": True, "nx": False}
+def _slot(slot: int, table: str, marker: bool = False) -> SlotEntry:
+    return synth.slot(slot, int(table, 16), marker)
 
 
-def _task(pid: int, comm: str, mm: str) -> dict[str, Any]:
-    return {"pid": pid, "tgid": pid, "comm": comm, "cpu": 0, "state": "S", "running_on": None,
-            "kthread": False, "task": hex(0xFFFF888000100000 + pid), "pkru": "0x55555550",
-            "pkru_source": "thread.pkru", "mm": mm, "pgd": hex(0x1000000 + pid * 0x1000),
-            "mappings": []}
+def _task(pid: int, comm: str, mm: int) -> Task:
+    return synth.task(pid, comm, mm, pkru=0x55555550)
 
 
 def snapshot(
@@ -40,45 +40,51 @@ def snapshot(
     b_copy: str | None = A_TABLE,
     comm_a: str = "svc_a",
     pti: bool = False,
-) -> dict[str, Any]:
+) -> Snapshot:
     """Services A (pid 101, slot 1) and B (pid 102, slot 2), each with a marked copy of the
     other's entry (`a_copy`: the table A's slot-2 copy points at; None: no copy), and init."""
     a_slots = [_slot(1, A_TABLE)] + ([_slot(2, a_copy, True)] if a_copy else [])
     b_slots = ([_slot(1, b_copy, True)] if b_copy else []) + [_slot(2, B_TABLE)]
     init_slots = [_slot(0, INIT_T0), _slot(255, INIT_T255)]
-    mms = []
-    for addr, pids, slots in (
-        ("0xffff888003000000", [1], init_slots),
-        ("0xffff888003100000", [101], a_slots),
-        ("0xffff888003200000", [102], b_slots),
-    ):
-        mm: dict[str, Any] = {"address": addr, "pgd": "0x1000000", "tlb_gen": 3, "ctx_id": 2,
-                              "cpumask": [0], "users": 1, "tasks": pids, "slots": slots}
-        if pti:
-            mm["user_pgd"] = "0x1001000"
-            mm["user_slots"] = [dict(s) for s in slots]
-        mms.append(mm)
-    return {
-        "schema": "testbed.snapshot", "schema_version": 1, "name": name,
-        "trigger": {"name": name, "pid": 101, "tid": 101, "facts": []},
-        "kernel": {"osrelease": "6.1.0-rpal", "paging_levels": 5, "pti": pti,
-                   "kaslr_offset": "0x0", "layout_source": "vmcoreinfo"},
-        "cpus": [],
-        "tasks": [_task(1, "init", mms[0]["address"]), _task(101, comm_a, mms[1]["address"]),
-                  _task(102, "svc_b", mms[2]["address"])],
-        "mms": mms,
-    }
+    mms = tuple(
+        synth.mm(addr, pids, tuple(slots), pti=pti)
+        for addr, pids, slots in (
+            (0xFFFF888003000000, (1,), init_slots),
+            (0xFFFF888003100000, (101,), a_slots),
+            (0xFFFF888003200000, (102,), b_slots),
+        )
+    )
+    return Snapshot(
+        name=name,
+        trigger=Trigger(name, 101, 101, {}),
+        kernel=Kernel("6.1.0-rpal", 5, pti, 0, "vmcoreinfo"),
+        cpus=(),
+        tasks=(_task(1, "init", mms[0].address), _task(101, comm_a, mms[1].address),
+               _task(102, "svc_b", mms[2].address)),
+        mms=mms,
+    )
+
+
+def _set_slots(snap: Snapshot, index: int, key: str, slots: Any) -> Snapshot:
+    mms = list(snap.mms)
+    mms[index] = replace(mms[index], **{key: slots})
+    return replace(snap, mms=tuple(mms))
+
+
+def _f(check: str, ok: bool | Status, message: str, *args: Any, **kw: Any) -> Finding:
+    st = ok if isinstance(ok, Status) else Status.of(ok)
+    return Finding(check, st, message, *args, **kw)
 
 
 def good_result() -> ScenarioResult:
     fs = [
-        Finding("slot_copies", True, "A's entry for slot 2 points at B's table", "pair",
+        _f("slot_copies", True, "A's entry for slot 2 points at B's table", "pair",
                 "paired", "svc_a (pid 101) slot 2",
                 {"pid": 101, "slot": 2, "expected_table": B_TABLE, "actual_table": B_TABLE}),
-        Finding("slot_copies", True, "B's entry for slot 1 points at A's table", "pair",
+        _f("slot_copies", True, "B's entry for slot 1 points at A's table", "pair",
                 "paired", "svc_b (pid 102) slot 1",
                 {"pid": 102, "slot": 1, "expected_table": A_TABLE, "actual_table": A_TABLE}),
-        Finding("pkru", True, "PKRU denies all but own key", "pair", "paired", "svc_a (pid 101)",
+        _f("pkru", True, "PKRU denies all but own key", "pair", "paired", "svc_a (pid 101)",
                 {"pid": 101, "pkru": "0x55555550", "expected": "0x55555550"}),
     ]
     return ScenarioResult("pair", fs, run_dir="/tmp/run1", seconds=3.25,
@@ -89,19 +95,19 @@ def good_result() -> ScenarioResult:
 def bad_result(comm_a: str = "svc_a", pti: bool = False) -> ScenarioResult:
     """wrong_slot_copy: A's copy for B's slot points at A's own table."""
     fs = [
-        Finding("slot_copies", False,
+        _f("slot_copies", False,
                 "svc_a's entry for slot 2 points at table 0x3a41000, not svc_b's 0x3b52000",
                 "pair_bug", "paired", f"{comm_a} (pid 101) slot 2",
                 {"pid": 101, "peer_pid": 102, "slot": 2, "expected_table": B_TABLE,
                  "actual_table": A_TABLE, "raw": "0x3a41267"}),
-        Finding("slot_copies", True, "B's entry for slot 1 points at A's table", "pair_bug",
+        _f("slot_copies", True, "B's entry for slot 1 points at A's table", "pair_bug",
                 "paired", "svc_b (pid 102) slot 1",
                 {"pid": 102, "slot": 1, "expected_table": A_TABLE, "actual_table": A_TABLE}),
-        Finding("slot_copies", False, "copy left after release", "pair_bug", "released",
+        _f("slot_copies", False, "copy left after release", "pair_bug", "released",
                 f"{comm_a} (pid 101) slot 2",
                 {"pid": 101, "slot": 2, "expected_table": None, "actual_table": A_TABLE}),
-        Finding("peer_read", False, "could not parse the workload output", "pair_bug",
-                "", "svc_a", {"line": "garbage\x1b[31m"}, error=True),
+        _f("peer_read", Status.ERROR, "could not parse the workload output", "pair_bug",
+           "", "svc_a", {"line": "garbage\x1b[31m"}, source="guest"),
     ]
     snaps = {
         "paired": snapshot("paired", a_copy=A_TABLE, comm_a=comm_a, pti=pti),
@@ -117,7 +123,8 @@ def crashed_result() -> ScenarioResult:
 
 META = RunMeta(kernel="build/rpal-ref/bzImage", osrelease="6.1.0-rpal", bugs=("wrong_slot_copy",),
                accel="tcg", started="2025-06-01T10:00:00Z", seconds=70.0,
-               timings={"boot": 4.0, "scenarios": 66.0})
+               timings={"boot": 4.0, "scenarios": 66.0}, design="rpal",
+               title="RPAL testbed report", checks=dict(DESIGN.checks))
 
 
 def all_results() -> list[ScenarioResult]:
@@ -145,9 +152,9 @@ def test_summary_lists_failures_and_totals() -> None:
     assert any(ln.startswith("PASS  pair ") and "3 passed" in ln for ln in lines)
     assert any(ln.startswith("FAIL  pair_bug") and "2 failed" in ln for ln in lines)
     assert any(ln.startswith("ERROR stale_probe") for ln in lines)
-    assert "FAIL slot_copies[paired] svc_a (pid 101) slot 2: svc_a's entry" in text
+    assert "FAIL slot_copies[paired] svc_a (pid 101) slot 2 [host]: svc_a's entry" in text
     assert "pid=101 peer_pid=102 slot=2 expected_table=0x3b52000 actual_table=0x3a41000" in text
-    assert "ERROR peer_read svc_a: could not parse" in text
+    assert "ERROR peer_read svc_a [guest]: could not parse" in text
     assert "guest panic: <Oops> & more" in text
     assert lines[-1].startswith("FAIL 3 scenarios (2 failed): 8 tests, 4 passed, 2 failed, 2 err")
     # a passing finding is not listed
@@ -258,7 +265,11 @@ def test_json_round_trip(tmp_path: Path) -> None:
     results = all_results()
     path = jsonreport.write_json(results, tmp_path / "r.json", META)
     doc = json.loads(path.read_text())
-    assert doc["schema"] == "testbed.report" and doc["schema_version"] == 1
+    assert doc["schema"] == "testbed.report" and doc["schema_version"] == 2
+    jsonschema.validate(doc, jsonreport.json_schema())
+    assert "skipped" in doc["totals"]
+    assert all(f["source"] in ("host", "guest") for s in doc["scenarios"] for f in s["findings"])
+    assert {c["name"]: c["source"] for c in doc["run"]["checks"]}["faults"] == "guest"
     assert doc["verdict"] == "FAIL"
     assert doc["totals"]["tests"] == 8
     s = doc["scenarios"][1]
@@ -274,6 +285,9 @@ def test_json_round_trip(tmp_path: Path) -> None:
     assert all(not r.snapshots for r in back)
 
     embedded = jsonreport.render_json(results, META, embed_snapshots=True)
+    jsonschema.validate(json.loads(embedded), jsonreport.json_schema())
+    for snap in json.loads(embedded)["scenarios"][1]["snapshots"].values():
+        jsonschema.validate(snap, json_schema())
     _, back2 = jsonreport.from_report_dict(json.loads(embedded))
     assert back2[1].snapshots == results[1].snapshots
     assert jsonreport.render_json(back2, META, embed_snapshots=True) == embedded
@@ -287,7 +301,7 @@ def test_json_rejects_other_documents() -> None:
 
 
 def test_json_odd_evidence_values() -> None:
-    r = ScenarioResult("x", [Finding("c", False, "m", evidence={"cpus": {2, 1}, "b": b"\x01"})])
+    r = ScenarioResult("x", [_f("c", False, "m", evidence={"cpus": {2, 1}, "b": b"\x01"})])
     doc = json.loads(jsonreport.render_json([r]))
     assert doc["scenarios"][0]["findings"][0]["evidence"] == {"cpus": [1, 2], "b": "01"}
 
@@ -329,8 +343,8 @@ def test_slot_figure_wrong_copy_and_leftover() -> None:
 
 def test_slot_figure_missing_entry_and_orphan_table() -> None:
     snap = snapshot("x", a_copy=None, b_copy=None)
-    snap["mms"][2]["slots"] = [_slot(1, A_TABLE, True)]  # B lost its own entry, kept the copy
-    f = Finding("slot_copies", False, "A has no copy of B's slot", "s", "x", "A",
+    snap = _set_slots(snap, 2, "slots", (_slot(1, A_TABLE, True),))  # B lost its own entry
+    f = _f("slot_copies", False, "A has no copy of B's slot", "s", "x", "A",
                 {"pid": 101, "slot": 2, "expected_table": B_TABLE, "actual_table": None})
     fig = slotgraph.slot_figure(snap, [f])
     view = fig.views[0]
@@ -343,7 +357,7 @@ def test_slot_figure_missing_entry_and_orphan_table() -> None:
 
 def test_slot_figure_pti_user_root_difference() -> None:
     snap = snapshot("p", pti=True)
-    snap["mms"][1]["user_slots"] = [_slot(1, A_TABLE)]  # the mirror lacks A's copy
+    snap = _set_slots(snap, 1, "user_slots", (_slot(1, A_TABLE),))  # the mirror lacks A's copy
     fig = slotgraph.slot_figure(snap)
     assert [v.root for v in fig.views] == ["kernel", "user"]
     assert fig.views[0].differences == 0 and fig.views[1].differences == 1
@@ -352,8 +366,7 @@ def test_slot_figure_pti_user_root_difference() -> None:
 
 
 def test_slot_figure_error_records_and_all_processes() -> None:
-    snap = snapshot("e")
-    snap["mms"][0]["slots"] = [{"error": "page table read failed"}]
+    snap = _set_slots(snapshot("e"), 0, "slots", Absent("page table read failed"))
     fig = slotgraph.slot_figure(snap, all_processes=True)
     assert len(fig.views[0].procs) == 3
     assert fig.notes == ["init (pid 1) slots: page table read failed"]
@@ -396,7 +409,7 @@ def test_html_one_svg_per_snapshot_with_arrows_and_shared_tables(tmp_path: Path)
 def test_html_escapes_hostile_strings() -> None:
     hostile = "<script>alert(1)</script>"
     r = bad_result(comm_a=hostile)
-    r.findings.append(Finding("x", False, '"><img src=x onerror=alert(1)>', "pair_bug",
+    r.findings.append(_f("x", False, '"><img src=x onerror=alert(1)>', "pair_bug",
                               "paired", hostile, {"k": hostile}))
     page = html.render_html([r], RunMeta(kernel=hostile))
     assert "<script>" not in page and "<img" not in page
@@ -420,18 +433,69 @@ def test_html_all_pass_verdict() -> None:
 
 def test_slot_figure_roles_from_facts_and_ordinary_processes_hidden() -> None:
     snap = snapshot("paired")
-    snap["trigger"]["facts"] = {"A.pid": "101", "A.id": "0", "A.pkey": "1", "B.pid": "102"}
+    snap = replace(snap, trigger=Trigger("paired", 101, 101, {
+        "A.pid": "101", "A.id": "0", "A.pkey": "1", "B.pid": "102"}))
     # an ordinary PIE process (sshd): image in slot 172, libraries 254, stack 255
-    snap["mms"].append({"address": "0xffff888003300000", "tasks": [49],
-                        "slots": [_slot(172, "0x5000000"), _slot(254, "0x5001000"),
-                                  _slot(255, "0x5002000")]})
-    snap["tasks"].append(_task(49, "dropbear", "0xffff888003300000"))
+    sshd = synth.mm(0xFFFF888003300000, (49,), (_slot(172, "0x5000000"),
+                                                _slot(254, "0x5001000"),
+                                                _slot(255, "0x5002000")))
+    snap = replace(snap, mms=(*snap.mms, sshd),
+                   tasks=(*snap.tasks, _task(49, "dropbear", sshd.address)))
     fig = slotgraph.slot_figure(snap)
     procs = fig.views[0].procs
     assert [p.label for p in procs] == ["A · svc_a", "B · svc_b"]
     assert procs[0].sublabel == "pid 101 · id 0 · pkey 1"
     assert fig.hidden == ["init (pid 1)", "dropbear (pid 49)"]
     assert {t.owner for t in fig.views[0].tables} == {"A's slot 1", "B's slot 2"}
-    # facts as KEY=VALUE strings (SNAPSHOT-SCHEMA.md) work too
-    snap["trigger"]["facts"] = ["A.pid=101", "B.pid=102"]
-    assert slotgraph.roles(snap) == {101: {"role": "A"}, 102: {"role": "B"}}
+
+
+# --- four statuses and the source, in every report ------------------------------------------
+
+
+def skip_result() -> ScenarioResult:
+    fs = [
+        _f("selftest:protection_keys", Status.SKIP, "SKIP no pkeys", "pk", "", "(suite)",
+           source="guest"),
+        _f("keys", True, "all 3 mapping(s) carry pkey 1", "pk", "paired", "A"),
+    ]
+    return ScenarioResult("pk", fs, seconds=1.0)
+
+
+def test_skip_is_counted_and_not_a_failure(tmp_path: Path) -> None:
+    t = totals([skip_result()])
+    assert (t.tests, t.passed, t.skipped, t.failures, t.errors, t.ok) == (2, 1, 1, 0, 0, True)
+    assert skip_result().passed
+    text = summary.render_summary([skip_result()], META)
+    assert "1 skipped" in text.splitlines()[-1]
+    root = ET.fromstring(junit.render_junit([skip_result()], META))
+    _validate_junit(root)
+    (suite,) = root.findall("testsuite")
+    assert suite.get("skipped") == "1"
+    skipped = [tc for tc in suite.findall("testcase") if tc.find("skipped") is not None]
+    assert [tc.get("classname") for tc in skipped] == ["pk.guest.selftest:protection_keys"]
+    doc = json.loads(jsonreport.render_json([skip_result()], META))
+    jsonschema.validate(doc, jsonreport.json_schema())
+    assert doc["totals"]["skipped"] == 1 and doc["scenarios"][0]["counts"]["skip"] == 1
+    assert [f["status"] for f in doc["scenarios"][0]["findings"]] == ["skip", "pass"]
+    page = html.render_html([skip_result()], META)
+    assert "skipped 1," in page and '<span class="badge skip">SKIP</span>' in page
+
+
+def test_every_report_shows_the_source() -> None:
+    text = summary.render_summary(all_results(), META)
+    assert "checks: host (judged from snapshots): slot_confinement, slot_copies" in text
+    assert "guest (the workloads' own verdict lines): tlb_shootdown, faults" in text
+    page = html.render_html(all_results(), META)
+    assert '<td class="src guest">guest</td><td class="mono">peer_read</td>' in page
+    assert "6 from the workloads' own verdict lines only" in page
+    root = ET.fromstring(junit.render_junit(all_results(), META))
+    classes = {tc.get("classname") for tc in root.iter("testcase")}
+    assert "pair_bug.guest.peer_read" in classes and "pair_bug.host.slot_copies" in classes
+
+
+def test_finding_rejects_an_unknown_source_and_status() -> None:
+    with pytest.raises(ValueError):
+        Finding("c", Status.PASS, "m", source="kernel")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        Finding("c", "maybe", "m")  # type: ignore[arg-type]
+    assert Finding("c", "skip", "m").status is Status.SKIP  # type: ignore[arg-type]

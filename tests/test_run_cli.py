@@ -12,13 +12,31 @@ from pathlib import Path
 import pytest
 
 from testbed.boot.hostcaps import Accel
+from testbed.designs import get_design
 from testbed.runner import GuestSpec, reproduce_commands, write_reproducer
-from testbed.scenarios import SCENARIOS
 
 from conftest import run_testbed
 
+SCENARIOS = get_design("rpal").scenarios
+
 SPEC = GuestSpec(kernel=Path("/k/bzImage"), initrd=Path("/i.cpio"),
                  accel=Accel("tcg", "max", "test"), paging=4, pti="on", append="quiet")
+
+
+def validate_run(folder: Path, report: dict) -> None:
+    """report.json and every snapshot of the run against the shipped JSON Schemas."""
+    import jsonschema
+
+    from testbed.report.jsonreport import json_schema as report_schema
+    from testbed.snapshot.model import json_schema as snapshot_schema
+
+    jsonschema.validate(report, report_schema())
+    assert "skipped" in report["totals"]
+    assert all(f["source"] in ("host", "guest") for s in report["scenarios"]
+               for f in s["findings"])
+    snaps = list(folder.glob("*/snapshots/*.json"))
+    for snap in snaps:
+        jsonschema.validate(json.loads(snap.read_text()), snapshot_schema())
 
 
 def test_reproduce_commands_carry_every_guest_option() -> None:
@@ -29,7 +47,7 @@ def test_reproduce_commands_carry_every_guest_option() -> None:
                  "--bug same_pkey --bug pkru_open", "--append quiet"):
         assert part in text, part
     assert boot[1] == "boot"
-    assert boot[boot.index("--append") + 1] == "quiet rpal.bug=same_pkey,pkru_open"
+    assert boot[boot.index("--append") + 1] == "rpal.bug=same_pkey,pkru_open quiet"
     assert "--smp" in boot and "--mem" in boot
 
 
@@ -55,6 +73,7 @@ def test_failed_run_names_a_reproducer_that_fails_the_same_way(
     m = re.search(r"^\s+reproduce: sh (\S+/reproduce\.sh)$", res.stdout, re.M)
     assert m, res.stdout
     report = json.loads((first / "report.json").read_text())
+    validate_run(first, report)
     assert report["scenarios"][0]["reproduce"] == m.group(1)
     assert "keys" in report["scenarios"][0]["failed_checks"]
     for name in ("report.xml", "report.html"):
@@ -76,4 +95,5 @@ def test_passing_run_exits_zero_without_reproducer_line(rpal_kernel: Path, runs_
                       str(tmp_path / "ok"), env={"TESTBED_PROGRESS": "0"})
     assert res.returncode == 0, res.stdout + res.stderr
     assert "reproduce:" not in res.stdout
-    assert re.search(r"^PASS 1 scenario \(0 failed\)", res.stdout, re.M), res.stdout
+    assert re.search(r"^PASS \d+ scenarios? \(0 failed\)", res.stdout, re.M), res.stdout
+    validate_run(tmp_path / "ok", json.loads((tmp_path / "ok" / "report.json").read_text()))

@@ -57,7 +57,7 @@ def by_subject(findings):
 
 
 def bad(findings):
-    return [f for f in findings if not f.passed or f.error]
+    return [f for f in findings if f.bad]
 
 
 def cut_after(text: str, line: str) -> str:
@@ -154,7 +154,7 @@ def test_done_but_fewer_iterations_than_the_source_says():
 def test_recorded_no_pkeys_is_a_skip():
     text = (DATA / "protection_keys-6.1-debian-nopku.log").read_text()
     fs = pk(text, status=0)
-    assert len(fs) == 1 and fs[0].passed and fs[0].evidence["skipped"]
+    assert len(fs) == 1 and fs[0].status == "skip" and not fs[0].bad
     assert summary_lines(fs)[0].startswith("SKIP")
     assert exit_status(ScenarioResult("s", fs)) == 4
 
@@ -186,11 +186,12 @@ def test_tap_pass_fail_skip_todo():
     s = by_subject(fs)
     assert list(s) == ["first", "second", "third", "fourth", "test 5"]
     assert s["first"].passed and not s["second"].passed and not s["second"].error
-    assert s["third"].passed and s["third"].evidence["skipped"]
+    assert s["third"].status == "skip" and not s["third"].passed
     assert s["third"].message == "SKIP no hardware"
     assert s["fourth"].passed and "TODO" in s["fourth"].message
     assert {f.check for f in fs} == {"selftest:demo"}
     assert counts(fs) == {"pass": 3, "fail": 1, "error": 0, "skip": 1}
+    assert {f.source for f in fs} == {"guest"}
 
 
 def test_tap_only_skips_exit_4():
@@ -220,7 +221,7 @@ def test_tap_all_ok_but_bad_status_is_an_error():
 
 def test_tap_whole_suite_skipped():
     fs = parse_selftest_output("TAP version 13\n1..0 # SKIP needs root\n", status=0)
-    assert len(fs) == 1 and fs[0].passed and fs[0].evidence["skipped"]
+    assert len(fs) == 1 and fs[0].status == "skip" and not fs[0].bad
 
 
 KTAP_NESTED = """\
@@ -246,7 +247,7 @@ def test_ktap_nested_subtests_are_named_by_parent():
     s = by_subject(fs)
     assert list(s) == ["pkeys/alloc", "pkeys/free", "pkeys/mprotect", "other/one"]
     assert not s["pkeys/free"].passed and s["pkeys/free"].evidence["depth"] == 1
-    assert s["pkeys/mprotect"].evidence["skipped"]
+    assert s["pkeys/mprotect"].status == "skip"
 
 
 def test_ktap_failing_parent_without_failing_child_is_reported():
@@ -440,3 +441,80 @@ def test_protection_keys_through_testbed_exec_on_reference_kernel(
     findings = parse_selftest_output(res.stdout, suite="protection_keys", names=st.tests,
                                      iterations=st.iterations, status=res.returncode)
     assert findings and all(f.passed and not f.error for f in findings)
+
+
+# --------------------------------------------------------------------------- run_selftest, no VM
+
+
+class _FakeGuest:
+    """Plays the guest of run_selftest: the set-up command, then the suite's output."""
+
+    def __init__(self, run_dir: Path, output: str, *, status: int = 0, hugepages: str = "10",
+                 raise_exc: Exception | None = None) -> None:
+        from types import SimpleNamespace
+
+        self.run_dir = run_dir
+        self.output, self.status, self.hugepages, self.exc = output, status, hugepages, raise_exc
+        self.cfg = SimpleNamespace(kernel=Path("/k/bzImage"), files={},
+                                   accel=SimpleNamespace(accel="tcg"))
+
+    def run(self, cmd: str, timeout: float | None = None, stdout=None, stderr=None,
+            label: str = ""):
+        from testbed.boot.ssh import CommandResult
+
+        if stdout is None:  # the set-up
+            return CommandResult(0, f"{self.hugepages} 6.1.0-rpal yes\n".encode(), b"", 0.0)
+        stdout.write(self.output.encode())
+        stdout.flush()
+        if self.exc is not None:
+            raise self.exc
+        return CommandResult(self.status, b"", b"", 0.1)
+
+
+def _selftest(tmp_path: Path):
+    return build.Selftest("protection_keys", tmp_path / "bin", "k", "test", NAMES, 22)
+
+
+def test_run_selftest_with_a_fake_guest(tmp_path: Path) -> None:
+    import io
+    import json
+
+    from testbed.check.selftests import put_in_image, run_selftest
+
+    g = _FakeGuest(tmp_path, PASS_LOG)
+    put_in_image(g, _selftest(tmp_path))
+    assert g.cfg.files == {"tb-selftest-protection_keys": tmp_path / "bin"}
+    echo = io.BytesIO()
+    r = run_selftest(g, _selftest(tmp_path), echo=echo)
+    assert r.passed and echo.getvalue().decode() == PASS_LOG
+    meta = json.loads((tmp_path / "selftest-protection_keys.json").read_text())
+    assert meta["proc_rpal"] and meta["guest_release"] == "6.1.0-rpal"
+    assert {f["source"] for f in meta["findings"]} == {"guest"}
+
+
+def test_run_selftest_timeout_and_no_hugetlbfs(tmp_path: Path) -> None:
+    from testbed.check.selftests import run_selftest
+    from testbed.errors import GuestTimeout
+
+    g = _FakeGuest(tmp_path, "has pkeys: 1\n", hugepages="none",
+                   raise_exc=GuestTimeout("selftest did not finish within 5 s"))
+    r = run_selftest(g, _selftest(tmp_path), timeout=5)
+    assert not r.passed and "did not finish" in r.error
+    assert r.findings[0].subject == "(setup)" and r.findings[0].status == "error"
+
+
+def test_selftest_reports_from_a_fake_run(tmp_path: Path) -> None:
+    import argparse
+    import json
+
+    from testbed.check.selftests import run_selftest, write_reports
+
+    g = _FakeGuest(tmp_path, PASS_LOG)
+    r = run_selftest(g, _selftest(tmp_path))
+    args = argparse.Namespace(junit=tmp_path / "r.xml", json=tmp_path / "r.json",
+                              html=tmp_path / "r.html")
+    write_reports(args, g, _selftest(tmp_path), r, "2026-12-01T20:00:00", 3.0)
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["totals"]["passed"] == 21 and doc["run"]["osrelease"] == "6.1.0-rpal"
+    assert (tmp_path / "r.xml").read_text().count("<testcase") == 21
+    assert "protection_keys" in (tmp_path / "r.html").read_text()

@@ -39,12 +39,14 @@ def counts() -> dict[str, int]:
 
 def test_soak(rpal_kernel: Path, tmp_path: Path) -> None:
     from testbed import cli
-    from testbed.check.rpal import CHECKS
-    from testbed.scenarios import BUGS, select
+    from testbed.designs import get_design
+
+    design = get_design("rpal")
+    CHECKS, BUGS = design.checks, design.bugs  # noqa: N806
 
     runs = int(os.environ.get("TESTBED_SOAK_RUNS", "20"))
     scenarios = os.environ.get("TESTBED_SOAK_SCENARIOS", "").split()
-    exercised = {c for sc in select(scenarios or None) for c in sc.checks}
+    exercised = {c for sc in design.select(scenarios or None) for c in sc.checks}
     bug = os.environ.get("TESTBED_SOAK_BUG") or next(
         b for b in BUGS if any(b in CHECKS[c].bugs for c in exercised))
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}

@@ -90,17 +90,23 @@ def resolve_kernel(spec: Path | str) -> Path:
     return path
 
 
+def debian_kernel() -> Path | None:
+    """The newest kernel image in /boot (Debian's, installed by `testbed setup`), if any."""
+    found = sorted(glob.glob("/boot/vmlinuz-*"), key=_version_key)
+    return Path(found[-1]) if found else None
+
+
 def default_kernel() -> Path:
-    """The newest Debian kernel image in /boot (installed by `testbed setup`)."""
+    """$TESTBED_KERNEL, else the newest Debian kernel image in /boot."""
     env = os.environ.get("TESTBED_KERNEL")
     if env:
         return Path(env)
-    found = sorted(glob.glob("/boot/vmlinuz-*"), key=_version_key)
-    if not found:
+    found = debian_kernel()
+    if found is None:
         raise TestbedError(
             "no kernel in /boot: run `testbed setup` (installs linux-image-amd64) or pass --kernel"
         )
-    return Path(found[-1])
+    return found
 
 
 def _version_key(p: str) -> list[int | str]:

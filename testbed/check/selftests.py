@@ -12,8 +12,9 @@ It reads two formats and picks by what the text contains:
   `done (all tests OK)` at the end.
 
 A run that ends early (crash, signal, timeout, guest death) is an *error*
-Finding, never a pass. A skipped case is a passing Finding with
-evidence["skipped"] = True and a message starting "SKIP".
+Finding, never a pass. A skipped case is a Finding with status `skip` and a
+message starting "SKIP". Every Finding has source `guest`: the selftest's own
+verdict.
 
 `testbed selftest` boots a guest with the binary in its image, runs the suite
 and prints one line per case; exit status 0 when every case passed, 1 when one
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from testbed.check.model import Finding, ScenarioResult
+from testbed.check.model import Finding, ScenarioResult, Status
 from testbed.errors import GuestError, GuestTimeout
 
 EXIT_SKIP = 4  # kselftest's KSFT_SKIP
@@ -123,8 +124,8 @@ def parse_selftest_output(
         return _parse_pkeys(text, suite, list(names), iterations, status, interrupted, scenario)
     why = interrupted or f"exit status {_status_text(status)}"
     return [Finding(
-        check_name(suite), False, f"no test results in the output ({why})",
-        scenario=scenario, subject="(suite)", error=True,
+        check_name(suite), Status.ERROR, f"no test results in the output ({why})",
+        scenario=scenario, subject="(suite)", source="guest",
         evidence={"status": status, "interrupted": interrupted, "output_tail": _tail(text)},
     )]
 
@@ -148,9 +149,10 @@ def _parse_pkeys(text: str, suite: str, names: list[str], iterations: int,
     findings: list[Finding] = []
 
     def finding(subject: str, passed: bool, message: str, error: bool = False,
-                **evidence: Any) -> Finding:
-        return Finding(check, passed, message, scenario=scenario, subject=subject,
-                       evidence=evidence, error=error)
+                skipped: bool = False, **evidence: Any) -> Finding:
+        status = (Status.ERROR if error else Status.SKIP if skipped else Status.of(passed))
+        return Finding(check, status, message, scenario=scenario, subject=subject,
+                       evidence=evidence, source="guest")
 
     if has is not None and has.group(1) == "0":
         # the test's path for a CPU or kernel without protection keys: nothing of it ran
@@ -300,12 +302,11 @@ def _parse_tap(text: str, suite: str, status: int | None, interrupted: str,
         ev: dict[str, Any] = {"line": r.line, "number": r.num, "depth": depth}
         if r.directive:
             ev["directive"] = r.directive
-        if r.skipped:
-            ev["skipped"] = True
         if not r.passed:
             ev["output_tail"] = _tail(text)
-        findings.append(Finding(check, r.passed, msg, scenario=scenario, subject=subject,
-                                evidence=ev))
+        status = Status.SKIP if r.skipped else Status.of(r.passed)
+        findings.append(Finding(check, status, msg, scenario=scenario, subject=subject,
+                                evidence=ev, source="guest"))
 
     top_indent = min(pending) if pending else 0
     for d in sorted(pending):
@@ -314,8 +315,8 @@ def _parse_tap(text: str, suite: str, status: int | None, interrupted: str,
     orphans = [d for d in pending if d != top_indent]
 
     def suite_error(message: str, **ev: Any) -> None:
-        findings.append(Finding(check, False, message, scenario=scenario, subject="(suite)",
-                                error=True, evidence={"status": status,
+        findings.append(Finding(check, Status.ERROR, message, scenario=scenario,
+                                subject="(suite)", source="guest", evidence={"status": status,
                                                       "output_tail": _tail(text), **ev}))
 
     top = pending.get(top_indent, [])
@@ -328,16 +329,17 @@ def _parse_tap(text: str, suite: str, status: int | None, interrupted: str,
         suite_error("a subtest group has no result line: the suite stopped inside it")
     elif plan is not None and plan[0] == 0 and not top:
         ok = status in (None, 0)
-        findings.append(Finding(check, ok, f"SKIP {plan[1][4:].strip()}".rstrip() if ok else
+        findings.append(Finding(check, Status.SKIP if ok else Status.ERROR,
+                                f"SKIP {plan[1][4:].strip()}".rstrip() if ok else
                                 f"1..0 and exit status {_status_text(status)}",
-                                scenario=scenario, subject="(suite)", error=not ok,
-                                evidence={"skipped": ok, "plan": 0, "status": status}))
+                                scenario=scenario, subject="(suite)", source="guest",
+                                evidence={"plan": 0, "status": status}))
     elif plan is not None and len(top) < plan[0]:
         suite_error(f"planned {plan[0]} tests, {len(top)} reported: the suite stopped early "
                     f"(exit status {_status_text(status)})", planned=plan[0], reported=len(top))
     elif not top:
         suite_error(f"no test results (exit status {_status_text(status)})")
-    elif status not in (None, 0) and all(f.passed for f in findings):
+    elif status not in (None, 0) and not any(f.bad for f in findings):
         suite_error(f"every test passed but the exit status is {_status_text(status)}")
     return findings
 
@@ -349,9 +351,7 @@ def summary_lines(findings: Sequence[Finding]) -> list[str]:
     """One line per finding: PASS/SKIP/FAIL/ERROR, subject, message."""
     out = []
     for f in findings:
-        tag = f.status.upper()
-        if f.passed and not f.error and f.evidence.get("skipped"):
-            tag = "SKIP"
+        tag = f.status.value.upper()
         out.append(f"{tag:5} {f.subject}: {f.message}")
     return out
 
@@ -359,15 +359,12 @@ def summary_lines(findings: Sequence[Finding]) -> list[str]:
 def counts(findings: Sequence[Finding]) -> dict[str, int]:
     c = {"pass": 0, "fail": 0, "error": 0, "skip": 0}
     for f in findings:
-        if f.passed and not f.error and f.evidence.get("skipped"):
-            c["skip"] += 1
-        else:
-            c[f.status] += 1
+        c[f.status.value] += 1
     return c
 
 
 def result_passed(findings: Sequence[Finding]) -> bool:
-    return all(f.passed and not f.error for f in findings)
+    return not any(f.bad for f in findings)
 
 
 def exit_status(result: ScenarioResult) -> int:
@@ -437,9 +434,10 @@ def run_selftest(m: Any, st: Any, *, timeout: float | None = 1800.0,
     if prep_out[0] == "none" and not result_passed(findings):
         # protection_keys writes /proc/sys/vm/nr_hugepages in its set-up and exits if it can't
         findings.insert(0, Finding(
-            scenario, False, "the kernel has no /proc/sys/vm/nr_hugepages (CONFIG_HUGETLBFS is "
-            "off): protection_keys exits in its hugetlb set-up", scenario=scenario,
-            subject="(setup)", error=True, evidence={"guest_release": prep_out[1]},
+            scenario, Status.ERROR, "the kernel has no /proc/sys/vm/nr_hugepages "
+            "(CONFIG_HUGETLBFS is off): protection_keys exits in its hugetlb set-up",
+            scenario=scenario, subject="(setup)", source="guest",
+            evidence={"guest_release": prep_out[1]},
         ))
     result = ScenarioResult(scenario, findings, run_dir=str(m.run_dir), seconds=seconds,
                             output=text, error=interrupted)

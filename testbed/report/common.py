@@ -2,8 +2,10 @@
 
 A *case* is what a CI UI shows as one test: the findings of one check at one checkpoint about
 one subject (normally exactly one finding). A scenario that could not run (ScenarioResult.error)
-is one more case, check "scenario", with status "error". The terminal summary, JUnit, JSON and
-HTML all count cases the same way, so their totals agree.
+is one more case, check "scenario", with status "error". A case's status is the worst of its
+findings' (error, then fail), `skip` when all of them are skips, else `pass`. The terminal
+summary, JUnit, JSON and HTML all count cases the same way, so their totals agree. Every case
+shows its source: `host` (judged from snapshots) or `guest` (a guest program's verdict).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 import jinja2
 
-from testbed.check.model import Finding, ScenarioResult
+from testbed.check.model import STATUSES, CheckInfo, Finding, ScenarioResult, Status
 
 from .text import TEMPLATES
 
@@ -33,9 +35,14 @@ class RunMeta:
     seconds: float = 0.0  # wall time of the whole run
     timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds (build, boot...)
     extra: dict[str, Any] = field(default_factory=dict)  # anything else worth showing
+    design: str = ""  # the design under test (testbed.designs)
+    title: str = "testbed report"
+    checks: dict[str, CheckInfo] = field(default_factory=dict)  # the design's checks
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "design": self.design,
+            "title": self.title,
             "kernel": self.kernel,
             "osrelease": self.osrelease,
             "bugs": list(self.bugs),
@@ -44,6 +51,7 @@ class RunMeta:
             "seconds": self.seconds,
             "timings": dict(self.timings),
             "extra": dict(self.extra),
+            "checks": [c.to_dict() for c in self.checks.values()],
         }
 
     @classmethod
@@ -57,6 +65,11 @@ class RunMeta:
             seconds=float(d.get("seconds", 0.0)),
             timings=dict(d.get("timings", {})),
             extra=dict(d.get("extra", {})),
+            design=str(d.get("design", "")),
+            title=str(d.get("title", "testbed report")),
+            checks={c["name"]: CheckInfo(c["name"], c["title"], c["invariant"],
+                                         tuple(c["bugs"]), c["source"])
+                    for c in d.get("checks", [])},
         )
 
 
@@ -71,9 +84,18 @@ class Case:
 
     @property
     def status(self) -> str:
-        if self.error_text or any(f.error for f in self.findings):
+        if self.error_text or any(f.status is Status.ERROR for f in self.findings):
             return "error"
-        return "pass" if all(f.passed for f in self.findings) else "fail"
+        if any(f.status is Status.FAIL for f in self.findings):
+            return "fail"
+        if self.findings and all(f.status is Status.SKIP for f in self.findings):
+            return "skip"
+        return "pass"
+
+    @property
+    def source(self) -> str:
+        """host, guest, or host+guest; a scenario that could not run: host (the testbed's)."""
+        return "+".join(sorted({f.source for f in self.findings}, reverse=True)) or "host"
 
     @property
     def name(self) -> str:
@@ -89,7 +111,7 @@ class Case:
     def message(self) -> str:
         if self.error_text:
             return self.error_text
-        bad = [f for f in self.findings if f.error or not f.passed] or list(self.findings)
+        bad = [f for f in self.findings if f.bad] or list(self.findings)
         return "; ".join(dict.fromkeys(f.message for f in bad))
 
 
@@ -115,6 +137,7 @@ class Totals:
     passed: int = 0
     failures: int = 0
     errors: int = 0
+    skipped: int = 0
     seconds: float = 0.0
 
     @property
@@ -127,7 +150,7 @@ class Totals:
 
 
 def totals(results: Iterable[ScenarioResult]) -> Totals:
-    counts = {"pass": 0, "fail": 0, "error": 0}
+    counts = dict.fromkeys(STATUSES, 0)
     n = failed = 0
     seconds = 0.0
     for r in results:
@@ -143,12 +166,13 @@ def totals(results: Iterable[ScenarioResult]) -> Totals:
         passed=counts["pass"],
         failures=counts["fail"],
         errors=counts["error"],
+        skipped=counts["skip"],
         seconds=seconds,
     )
 
 
 def case_counts(result: ScenarioResult) -> dict[str, int]:
-    counts = {"pass": 0, "fail": 0, "error": 0}
+    counts = dict.fromkeys(STATUSES, 0)
     for c in cases(result):
         counts[c.status] += 1
     return counts

@@ -42,7 +42,8 @@ def _scenario_view(
     for f in r.findings:
         rows.append(
             {
-                "status": f.status,
+                "status": f.status.value,
+                "source": f.source,
                 "check": f.check,
                 "checkpoint": f.checkpoint,
                 "subject": f.subject,
@@ -51,8 +52,8 @@ def _scenario_view(
                 "evidence": pretty_evidence(f.evidence) if f.evidence else "",
             }
         )
-    bad = [x for x in rows if x["status"] != "pass"]
-    good = [x for x in rows if x["status"] == "pass"]
+    bad = [x for x in rows if x["status"] in ("fail", "error")]
+    good = [x for x in rows if x["status"] in ("pass", "skip")]
     figures = []
     for k, (checkpoint, snap) in enumerate(r.snapshots.items()):
         fs = [f for f in r.findings if f.checkpoint == checkpoint]
@@ -83,7 +84,7 @@ def render_html(
     results: Sequence[ScenarioResult],
     meta: RunMeta | None = None,
     *,
-    title: str = "RPAL testbed report",
+    title: str = "",
     all_processes: bool = False,
 ) -> str:
     """The whole page as one string (inline CSS and SVG, nothing external)."""
@@ -96,7 +97,8 @@ def render_html(
         nfig += len(s["figures"])
         scenarios.append(s)
     return html_env().get_template("report.html.j2").render(
-        title=title,
+        title=title or meta.title,
+        checks=list(meta.checks.values()),
         meta=meta,
         t=totals(results),
         scenarios=scenarios,

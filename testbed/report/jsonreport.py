@@ -1,22 +1,28 @@
-"""The machine-readable report: one JSON document, schema "testbed.report", version 1.
+"""The machine-readable report: one JSON document, schema "testbed.report", version 2.
 
 ```
 {
-  "schema": "testbed.report", "schema_version": 1,
-  "run": {kernel, osrelease, bugs, accel, started, seconds, timings, extra},
+  "schema": "testbed.report", "schema_version": 2,
+  "run": {design, title, kernel, osrelease, bugs, accel, started, seconds, timings, extra,
+          "checks": [{name, title, invariant, bugs, source}]},   # source: host | guest
   "verdict": "PASS" | "FAIL",
-  "totals": {scenarios, scenarios_failed, tests, passed, failures, errors, seconds},
+  "totals": {scenarios, scenarios_failed, tests, passed, failures, errors, skipped, seconds},
   "scenarios": [
-    {"scenario", "passed", "error", "bugs", "seconds", "run_dir", "reproduce", "output",
-     "counts": {pass, fail, error},           # per test case, as in JUnit
+    {"scenario", "design", "passed", "error", "bugs", "seconds", "run_dir", "reproduce",
+     "output",
+     "counts": {pass, fail, error, skip},     # per test case, as in JUnit
      "failed_checks": [...],
-     "findings": [Finding.to_dict() ...],     # + "status"
+     "findings": [{check, status, source, message, scenario, checkpoint, subject, evidence}],
      "snapshot_names": ["checkpoint", ...],
-     "snapshots": {checkpoint: snapshot}}     # only with embed_snapshots
+     "snapshots": {checkpoint: snapshot}}     # only with embed_snapshots (SNAPSHOT-SCHEMA.md)
   ]
 }
 ```
+`status` is pass, fail, error or skip; `source` host (judged from snapshots) or guest (a
+guest program's own verdict line). report.schema.json beside this file is its JSON Schema.
 Removing or renaming a field, or changing its meaning, raises schema_version; adding does not.
+Version 2 replaced the findings' `passed` and `error` booleans with `status` and added
+`source`, `skipped` and the checks.
 """
 
 from __future__ import annotations
@@ -28,11 +34,18 @@ from pathlib import Path
 from typing import Any
 
 from testbed.check.model import Finding, ScenarioResult
+from testbed.snapshot.model import Snapshot, SnapshotFormatError
 
 from .common import RunMeta, case_counts, json_default, totals
 
 SCHEMA = "testbed.report"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+SCHEMA_FILE = Path(__file__).with_name("report.schema.json")
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of the report (report.schema.json)."""
+    return dict(json.loads(SCHEMA_FILE.read_text()))
 
 
 def report_dict(
@@ -47,6 +60,7 @@ def report_dict(
     for r in results:
         s: dict[str, Any] = {
             "scenario": r.scenario,
+            "design": r.design,
             "passed": r.passed,
             "error": r.error,
             "bugs": list(r.bugs),
@@ -60,7 +74,7 @@ def report_dict(
             "snapshot_names": list(r.snapshots),
         }
         if embed_snapshots:
-            s["snapshots"] = r.snapshots
+            s["snapshots"] = {k: v.to_json() for k, v in r.snapshots.items()}
         scenarios.append(s)
     return {
         "schema": SCHEMA,
@@ -95,19 +109,6 @@ def write_json(
     return p
 
 
-def _finding(d: Mapping[str, Any]) -> Finding:
-    return Finding(
-        check=d["check"],
-        passed=bool(d["passed"]),
-        message=d.get("message", ""),
-        scenario=d.get("scenario", ""),
-        checkpoint=d.get("checkpoint", ""),
-        subject=d.get("subject", ""),
-        evidence=dict(d.get("evidence", {})),
-        error=bool(d.get("error", False)),
-    )
-
-
 def from_report_dict(doc: Mapping[str, Any]) -> tuple[RunMeta, list[ScenarioResult]]:
     """Read a report back (e.g. to render HTML later). Without embedded snapshots each
     scenario's `snapshots` is empty: the pictures need them."""
@@ -115,21 +116,30 @@ def from_report_dict(doc: Mapping[str, Any]) -> tuple[RunMeta, list[ScenarioResu
         raise ValueError(f"not a {SCHEMA} document: schema {doc.get('schema')!r}")
     if doc.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"unsupported {SCHEMA} schema_version {doc.get('schema_version')!r}")
-    results = [
-        ScenarioResult(
-            scenario=s["scenario"],
-            findings=[_finding(f) for f in s.get("findings", [])],
-            run_dir=s.get("run_dir", ""),
-            reproduce=s.get("reproduce", ""),
-            bugs=tuple(s.get("bugs", ())),
-            seconds=float(s.get("seconds", 0.0)),
-            snapshots=dict(s.get("snapshots", {})),
-            output=s.get("output", ""),
-            error=s.get("error", ""),
-        )
-        for s in doc.get("scenarios", [])
-    ]
-    return RunMeta.from_dict(doc.get("run", {})), results
+    try:
+        meta = RunMeta.from_dict(doc.get("run", {}))
+        return meta, [_result(s) for s in doc.get("scenarios", [])]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"malformed {SCHEMA} document: {exc!r} missing or wrong") from None
+
+
+def _result(s: Mapping[str, Any]) -> ScenarioResult:
+    try:
+        snapshots = {k: Snapshot.from_json(v) for k, v in dict(s.get("snapshots", {})).items()}
+    except SnapshotFormatError as exc:
+        raise ValueError(f"scenario {s.get('scenario')!r}: embedded snapshot: {exc}") from None
+    return ScenarioResult(
+        scenario=s["scenario"],
+        findings=[Finding.from_dict(f) for f in s.get("findings", [])],
+        run_dir=s.get("run_dir", ""),
+        reproduce=s.get("reproduce", ""),
+        bugs=tuple(s.get("bugs", ())),
+        seconds=float(s.get("seconds", 0.0)),
+        snapshots=snapshots,
+        output=s.get("output", ""),
+        error=s.get("error", ""),
+        design=s.get("design", ""),
+    )
 
 
 def read_json(path: str | Path) -> tuple[RunMeta, list[ScenarioResult]]:

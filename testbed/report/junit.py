@@ -1,9 +1,13 @@
 """JUnit XML for CI: one <testsuite> per scenario, one <testcase> per (check, checkpoint, subject).
 
-Testcase name `check[checkpoint] subject`, classname `scenario.check` (CI UIs group by class).
+Testcase name `check[checkpoint] subject`, classname `scenario.source.check` (CI UIs group by
+class), where source is `host` (judged from snapshots), `guest` (a guest program's verdict) or
+`host+guest`.
 A failing case has <failure message=... type=check> whose text is the message and the evidence;
-an error finding, or a scenario that could not run (testcase "scenario"), has <error>. The guest
-output of the scenario is the suite's <system-out>.
+an error finding, or a scenario that could not run (testcase "scenario"), has <error>; a case
+whose findings are all skips has <skipped message=...>. The guest output of the scenario is the
+suite's <system-out>. Counts: `skipped` on each <testsuite> (the Jenkins/Ant schema has none on
+<testsuites>).
 
 This is the one report not rendered with jinja2: XML needs attribute and text escaping (and
 characters XML 1.0 forbids removed) that xml.etree.ElementTree does right, so it is built as a
@@ -35,9 +39,9 @@ def xml_safe(text: str) -> str:
 def _case_text(case: Case) -> str:
     parts = []
     for f in case.findings:
-        if f.passed and not f.error:
+        if not f.bad:
             continue
-        parts.append(f"{f.status.upper()}: {f.message}")
+        parts.append(f"{f.status.value.upper()} ({f.source}): {f.message}")
         if f.evidence:
             parts.append(pretty_evidence(f.evidence))
     if case.error_text:
@@ -74,7 +78,7 @@ def junit_tree(results: Sequence[ScenarioResult], meta: RunMeta | None = None) -
             tests=str(len(cs)),
             failures=str(sum(c.status == "fail" for c in cs)),
             errors=str(sum(c.status == "error" for c in cs)),
-            skipped="0",
+            skipped=str(sum(c.status == "skip" for c in cs)),
             time=f"{r.seconds:.3f}",
         )
         if meta.started:
@@ -94,10 +98,13 @@ def junit_tree(results: Sequence[ScenarioResult], meta: RunMeta | None = None) -
                 suite,
                 "testcase",
                 name=xml_safe(c.name),
-                classname=xml_safe(f"{r.scenario}.{c.check}"),
+                classname=xml_safe(f"{r.scenario}.{c.source}.{c.check}"),
                 time=f"{r.seconds:.3f}" if c.error_text else "0.000",
             )
             if c.status == "pass":
+                continue
+            if c.status == "skip":
+                ET.SubElement(case, "skipped", message=xml_safe(" ".join(c.message.split())))
                 continue
             el = ET.SubElement(
                 case,

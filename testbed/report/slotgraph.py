@@ -1,12 +1,12 @@
 """The slot picture: which process's 512 GiB entries point at which PUD table page.
 
-`slot_figure(snapshot, findings)` lays out one snapshot (checkpoint) as a graph, a pure
-function from dicts to coordinates; templates/report.html.j2 draws it as inline SVG (so jinja2
-escapes every label). On the left one box per process (its comm and pid) listing its slot
-entries (`mms[].slots[]`); on the right the distinct PUD table pages (`table`); an arrow from each
-entry to the table it points at. Own entries are solid blue, borrowed copies (`marker`, bit 9)
-dashed orange; a table pointed at by two or more processes is drawn as shared (green). With PTI
-a second view shows the user root (`mms[].user_slots[]`).
+`slot_figure(snapshot, findings)` lays out one snapshot (checkpoint) as a graph, a pure function
+from a Snapshot (testbed.snapshot.model) to coordinates; templates/report.html.j2 draws it as
+inline SVG (so jinja2 escapes every label). On the left one box per process (its comm and pid)
+listing its slot entries (`mms[].slots[]`); on the right the distinct PUD table pages (`table`);
+an arrow from each entry to the table it points at. Own entries are solid blue, borrowed copies
+(`marker`, bit 9) dashed orange; a table pointed at by two or more processes is drawn as shared
+(green). With PTI a second view shows the user root (`mms[].user_slots[]`).
 
 Which processes are drawn: those the checkpoint's facts name (`A.pid=54`: drawn as "A · comm"
 with its id, pkey and key), those with a marked entry, a table shared with another process, or
@@ -32,11 +32,12 @@ entry is drawn as a red dashed placeholder; an entry that should not exist is la
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from testbed.check.model import Finding
+from testbed.snapshot.model import Absent, Mm, SlotEntry, Snapshot, Task, hx
 
 SERVICE_SLOTS = range(1, 255)  # slot = id + 1, ids 0..253
 ORDINARY_STACK_SLOT = 255  # top of the 47-bit user space: where a non-RPAL process has its stack
@@ -169,12 +170,12 @@ def _norm_hex(v: Any) -> str | None:
 
 
 def _flags(
-    findings: Iterable[Finding], mms: list[dict[str, Any]], pid_tgid: Mapping[int, int]
+    findings: Iterable[Finding], mms: Sequence[Mm], pid_tgid: Mapping[int, int]
 ) -> dict[tuple[int, str, int], list[_Flag]]:
     """(mm index, root, slot) -> the failing findings naming that entry."""
     out: dict[tuple[int, str, int], list[_Flag]] = {}
     for f in findings:
-        if f.passed and not f.error:
+        if not f.bad:
             continue
         ev = f.evidence
         if "slot" not in ev:
@@ -185,7 +186,7 @@ def _flags(
             continue
         idx = None
         for i, mm in enumerate(mms):
-            pids = set(mm.get("tasks", []))
+            pids = set(mm.tasks)
             if "pid" in ev and ev["pid"] is not None:
                 try:
                     pid = int(ev["pid"])
@@ -194,7 +195,7 @@ def _flags(
                 if pid in pids or pid in {pid_tgid.get(p) for p in pids}:
                     idx = i
                     break
-            elif "mm" in ev and _norm_hex(ev["mm"]) == _norm_hex(mm.get("address")):
+            elif "mm" in ev and _norm_hex(ev["mm"]) == hx(mm.address):
                 idx = i
                 break
         if idx is None:
@@ -206,29 +207,22 @@ def _flags(
     return out
 
 
-def _valid_slots(mm: Mapping[str, Any], key: str) -> tuple[list[dict[str, Any]], list[str]]:
-    good, errors = [], []
-    for e in mm.get(key) or []:
-        if "error" in e:
-            errors.append(str(e["error"]))
-        elif "slot" in e:
-            good.append(e)
-    return good, errors
+def _valid_slots(mm: Mm, key: str) -> tuple[list[SlotEntry], list[str]]:
+    """The entries of a root (`slots` or `user_slots`), and why they could not be read."""
+    entries = mm.slots if key == "slots" else mm.user_slots
+    if isinstance(entries, Absent):
+        return [], [entries.reason]
+    return list(entries or ()), []
 
 
-def roles(snapshot: Mapping[str, Any]) -> dict[int, dict[str, str]]:
+def _table(e: SlotEntry | None) -> str | None:
+    return hx(e.table) if e is not None else None
+
+
+def roles(snapshot: Snapshot) -> dict[int, dict[str, str]]:
     """pid -> {"role": "A", "id": ..., "pkey": ..., "key": ...} from the checkpoint's facts
     (`A.pid=54 A.id=2 ...`, as the RPAL workloads pass them)."""
-    trig = snapshot.get("trigger") or {}
-    raw = trig.get("facts") or {}
-    facts: dict[str, str] = {}
-    if isinstance(raw, Mapping):
-        facts = {str(k): str(v) for k, v in raw.items()}
-    else:
-        for x in raw:
-            k, sep, v = str(x).partition("=")
-            if sep:
-                facts[k] = v
+    facts = snapshot.facts
     out: dict[int, dict[str, str]] = {}
     for k, v in facts.items():
         role, dot, attr = k.rpartition(".")
@@ -245,13 +239,14 @@ def roles(snapshot: Mapping[str, Any]) -> dict[int, dict[str, str]]:
     return out
 
 
-def _proc_label(mm: Mapping[str, Any], tasks: Mapping[int, Mapping[str, Any]]) -> tuple[str, int]:
-    pids = sorted(mm.get("tasks", []))
-    leader = next((p for p in pids if tasks.get(p, {}).get("tgid") == p), None)
+def _proc_label(mm: Mm, tasks: Mapping[int, Task]) -> tuple[str, int]:
+    pids = sorted(mm.tasks)
+    leader = next((p for p in pids if p in tasks and tasks[p].tgid == p), None)
     if leader is None and pids:
-        leader = tasks.get(pids[0], {}).get("tgid", pids[0])
-    t = tasks.get(leader or -1) or (tasks.get(pids[0]) if pids else None) or {}
-    comm = str(t.get("comm") or f"mm {mm.get('address', '?')}")
+        leader = tasks[pids[0]].tgid if pids[0] in tasks else pids[0]
+    t = tasks.get(leader if leader is not None else -1) or (
+        tasks.get(pids[0]) if pids else None)
+    comm = t.comm if t is not None and t.comm else f"mm {hx(mm.address)}"
     return comm, int(leader) if leader is not None else -1
 
 
@@ -279,7 +274,7 @@ def _point(x1: float, y1: float, x2: float, y2: float, t: float) -> tuple[float,
 
 def _view(
     root: str,
-    mms: list[dict[str, Any]],
+    mms: Sequence[Mm],
     shown: list[int],
     labels: dict[int, tuple[str, int]],
     titles: Mapping[int, tuple[str, str]],
@@ -297,26 +292,26 @@ def _view(
         mm = mms[i]
         comm, pid = labels[i]
         slots, _errors = _valid_slots(mm, key)
-        by_slot = {int(e["slot"]): e for e in slots}
+        by_slot = {e.slot: e for e in slots}
         all_slots = set(by_slot) | {s for (j, r, s) in flags if j == i and r == root}
         if kernel_tables is not None:
             all_slots |= {s for (j, s) in kernel_tables if j == i}
         title, extra = titles[i]
-        nthreads = len(mm.get("tasks", []))
+        nthreads = len(mm.tasks)
         node = ProcNode(
             label=fit(title, PROC_W - 24, 8.5),
             sublabel=" · ".join(
                 x for x in (f"pid {pid}", extra, f"{nthreads} threads" if nthreads > 1 else "")
                 if x
             ),
-            x=PROC_X, y=y, h=0, pids=sorted(mm.get("tasks", [])),
+            x=PROC_X, y=y, h=0, pids=sorted(mm.tasks),
         )
         ey = y + HEADER_H
         for slot in sorted(all_slots):
             e = by_slot.get(slot)
             fl = flags.get((i, root, slot), [])
-            table = _norm_hex(e.get("table")) if e else None
-            marker = bool(e.get("marker")) if e else False
+            table = _table(e)
+            marker = bool(e.marker) if e else False
             if kernel_tables is not None and (i, slot) in kernel_tables and e is None:
                 differences += 1  # (an entry only in the user root counts below)
             if e is None and not fl:
@@ -333,9 +328,9 @@ def _view(
             ent.badge = "copy · bit 9" if marker else "own"
             if e is not None:
                 flags_txt = ", ".join(
-                    k for k in ("present", "user", "write", "nx") if e.get(k)
+                    k for k in ("present", "user", "write", "nx") if getattr(e, k)
                 )
-                ent.title = (f"slot {slot} ({ent.va}): raw {e.get('raw')}, table {table}"
+                ent.title = (f"slot {slot} ({ent.va}): raw {hx(e.raw)}, table {table}"
                              f"{', marker (bit 9)' if marker else ''}; {flags_txt}")
             if kernel_tables is not None and e is not None:
                 kt = kernel_tables.get((i, slot))
@@ -451,25 +446,25 @@ def _view(
 
 
 def slot_figure(
-    snapshot: Mapping[str, Any],
+    snapshot: Snapshot,
     findings: Iterable[Finding] = (),
     *,
     uid: str = "f0",
     all_processes: bool = False,
 ) -> SlotFigure:
     """Lay out one snapshot's slot entries and PUD tables (see the module doc)."""
-    tasks = {int(t["pid"]): t for t in snapshot.get("tasks", []) if "pid" in t}
-    pid_tgid = {p: int(t.get("tgid", p)) for p, t in tasks.items()}
-    mms = [m for m in snapshot.get("mms", []) if isinstance(m, dict)]
+    tasks = {t.pid: t for t in snapshot.tasks}
+    pid_tgid = {p: t.tgid for p, t in tasks.items()}
+    mms = list(snapshot.mms)
     flags = _flags(findings, mms, pid_tgid)
-    pti = any("user_slots" in m for m in mms)
+    pti = any(m.user_slots is not None for m in mms)
 
     labels = {i: _proc_label(m, tasks) for i, m in enumerate(mms)}
     role_of = roles(snapshot)
     titles: dict[int, tuple[str, str]] = {}  # i -> (box title, extra sublabel)
     for i, m in enumerate(mms):
         comm, pid = labels[i]
-        info = next((role_of[p] for p in [pid, *m.get("tasks", [])] if p in role_of), None)
+        info = next((role_of[p] for p in [pid, *m.tasks] if p in role_of), None)
         if info:
             labels[i] = (info["role"], pid)
             extra = " · ".join(f"{a} {info[a]}" for a in ("id", "pkey", "key") if a in info)
@@ -482,32 +477,30 @@ def slot_figure(
         for key in ("slots", "user_slots"):
             good, errs = _valid_slots(m, key)
             for e in good:
-                t = _norm_hex(e.get("table"))
-                if t:
-                    table_users.setdefault(t, set()).add(i)
+                table_users.setdefault(hx(e.table), set()).add(i)
             notes += [f"{labels[i][0]} (pid {labels[i][1]}) {key}: {x}" for x in errs]
 
     def interesting(i: int) -> bool:
         m = mms[i]
         if any(j == i for (j, _r, _s) in flags):
             return True
-        if any(p in role_of for p in m.get("tasks", [])):
+        if any(p in role_of for p in m.tasks):
             return True
         entries = _valid_slots(m, "slots")[0] + _valid_slots(m, "user_slots")[0]
         for e in entries:
-            if e.get("marker"):
+            if e.marker:
                 return True
-            if len(table_users.get(_norm_hex(e.get("table")) or "", ())) > 1:
+            if len(table_users.get(hx(e.table), ())) > 1:
                 return True
         # a service's entries lie in its slot (1..254); an ordinary process has its stack at
         # the top of the 47-bit space, slot 255, and its PIE image and libraries anywhere
-        slots = {int(e["slot"]) for e in entries}
+        slots = {e.slot for e in entries}
         return bool(slots & set(SERVICE_SLOTS)) and ORDINARY_STACK_SLOT not in slots
 
     shown = [i for i in range(len(mms)) if all_processes or interesting(i)]
 
     def own_slot(i: int) -> tuple[int, int]:
-        own = [int(e["slot"]) for e in _valid_slots(mms[i], "slots")[0] if not e.get("marker")]
+        own = [e.slot for e in _valid_slots(mms[i], "slots")[0] if not e.marker]
         return (min((s for s in own if s in SERVICE_SLOTS), default=1 << 20), labels[i][1])
 
     shown.sort(key=own_slot)
@@ -516,7 +509,7 @@ def slot_figure(
     views = [_view("kernel", mms, shown, labels, titles, flags, None)]
     if pti:
         kernel_tables = {
-            (i, int(e["slot"])): _norm_hex(e.get("table")) or ""
+            (i, e.slot): hx(e.table)
             for i in shown
             for e in _valid_slots(mms[i], "slots")[0]
         }
@@ -527,7 +520,7 @@ def slot_figure(
     )
     return SlotFigure(
         uid=uid,
-        checkpoint=str(snapshot.get("name", "")),
+        checkpoint=snapshot.name,
         views=views,
         width=WIDTH,
         height=body + LEGEND_H,

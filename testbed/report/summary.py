@@ -39,13 +39,14 @@ def render_summary(
     for r in results:
         bad = [
             {
-                "status": f.status,
+                "status": f.status.value,
+                "source": f.source,
                 "name": printable(_finding_name(f.check, f.checkpoint, f.subject)),
                 "message": printable(f.message),
                 "evidence": compact_evidence(f.evidence, evidence_width),
             }
             for f in r.findings
-            if f.error or not f.passed
+            if f.bad
         ]
         verdict = "PASS" if r.passed else ("ERROR" if r.error else "FAIL")
         scenarios.append(
@@ -64,11 +65,20 @@ def render_summary(
     name_width = max((len(printable(r.scenario)) for r in results), default=0)
     return text_env().get_template("summary.txt.j2").render(
         meta=meta,
+        by_source=check_sources(meta),
         scenarios=scenarios,
         name_width=name_width,
         t=totals(results),
         c=_colorizer(color),
     )
+
+
+def check_sources(meta: RunMeta) -> dict[str, list[str]]:
+    """source -> the design's checks judged that way (host: snapshots; guest: verdict lines)."""
+    out: dict[str, list[str]] = {}
+    for c in meta.checks.values():
+        out.setdefault(c.source, []).append(c.name)
+    return out
 
 
 def use_color(stream: TextIO) -> bool:

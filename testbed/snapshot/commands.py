@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from testbed.errors import TestbedError
+from testbed.snapshot.model import Snapshot
 
 
-def _live(run_dir: Path) -> dict[str, Any]:
+def _live(run_dir: Path) -> Snapshot:
     from testbed.boot.machine import connect_unix
     from testbed.boot.qmp import QMP
     from testbed.snapshot.live import LiveSnapshotter
@@ -38,7 +39,7 @@ def _live(run_dir: Path) -> dict[str, Any]:
         qmp.close()
 
 
-def _offline(dump: Path, vmlinux: Path) -> dict[str, Any]:
+def _offline(dump: Path, vmlinux: Path) -> Snapshot:
     from testbed.snapshot.kernel import KernelView
     from testbed.snapshot.physmem import ElfDumpMemory
     from testbed.snapshot.snapshot import assemble
@@ -64,7 +65,7 @@ def _offline(dump: Path, vmlinux: Path) -> dict[str, Any]:
             check_build_id(info, elf_build_id(vmlinux), f"dump {dump}", str(vmlinux))
         view = KernelView.attach(memory, vmlinux, vmcoreinfo=info)
         snap = assemble(view, (), name=dump.stem)
-    snap["source"] = {"dump": str(dump), "note": "no vCPU state: PKRU only as saved per thread"}
+    snap.source = {"dump": str(dump), "note": "no vCPU state: PKRU only as saved per thread"}
     return snap
 
 
@@ -75,9 +76,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         raise TestbedError("--dump needs --vmlinux (the kernel the dump was taken from)")
     snap = _live(args.run) if args.run is not None else _offline(args.dump, args.vmlinux)
     if args.pid is not None:
-        snap["tasks"] = [t for t in snap["tasks"] if args.pid in (t["pid"], t["tgid"])]
+        snap.tasks = tuple(t for t in snap.tasks if args.pid in (t.pid, t.tgid))
     if args.json:
-        json.dump(snap, sys.stdout, indent=1)
+        sys.stdout.write(snap.dumps())
         sys.stdout.write("\n")
     else:
         from testbed.report.text import render_snapshot

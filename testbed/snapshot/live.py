@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -12,8 +11,9 @@ from testbed.boot.qmp import QMP
 from testbed.snapshot.cpustate import CpuSnapshot, resume_after_migration, snapshot_cpus
 from testbed.snapshot.kernel import KernelView
 from testbed.snapshot.kernel_image import KernelImage
+from testbed.snapshot.model import Snapshot, Trigger
 from testbed.snapshot.physmem import SharedFileMemory
-from testbed.snapshot.snapshot import Trigger, assemble
+from testbed.snapshot.snapshot import assemble
 
 
 class LiveSnapshotter:
@@ -28,7 +28,7 @@ class LiveSnapshotter:
 
     def capture(
         self, name: str = "", trigger: Trigger | None = None, **assemble_args: Any
-    ) -> dict[str, Any]:
+    ) -> Snapshot:
         """Snapshot the guest; with a trigger, wait until that thread has left its CPU.
 
         A checkpointing thread sends its request and then sleeps in read(); the
@@ -38,16 +38,16 @@ class LiveSnapshotter:
         """
         for attempt in range(100):
             snap = self._capture_once(name, trigger, **assemble_args)
-            mine = [t for t in snap["tasks"] if trigger and t["pid"] == trigger.tid]
-            if not mine or mine[0]["running_on"] is None:
-                snap["timing"]["attempts"] = attempt + 1
+            mine = [t for t in snap.tasks if trigger and t.pid == trigger.tid]
+            if not mine or mine[0].running_on is None:
+                snap.timing["attempts"] = attempt + 1
                 return snap
             time.sleep(0.002)
         return snap
 
     def _capture_once(
         self, name: str, trigger: Trigger | None, **assemble_args: Any
-    ) -> dict[str, Any]:
+    ) -> Snapshot:
         t0 = time.perf_counter()
         cpu_snap = self.qmp.run(self._pause_and_read_cpus())
         was_running = cpu_snap.capture.status_before == "running"
@@ -75,7 +75,7 @@ class LiveSnapshotter:
             if was_running:  # whatever happened: a guest left paused would hang its run
                 refused = self.qmp.run(resume_after_migration(self.qmp.client), timeout=30)
         t_end = time.perf_counter()
-        snap["timing"].update(
+        snap.timing.update(
             cpus_ms=round((t_cpus - t0) * 1000, 2),
             migration_ms=round(cpu_snap.capture.seconds * 1000, 2),
             attach_ms=round((t_attach - t_cpus) * 1000, 2),
@@ -101,7 +101,7 @@ class LiveSnapshotter:
             self._froze = False
 
 
-def write_snapshot(snap: dict[str, Any], folder: Path, name: str) -> Path:
+def write_snapshot(snap: Snapshot, folder: Path, name: str) -> Path:
     """folder/NAME.json; `name` (from the guest) must be a plain file name."""
     from testbed.boot.machine import check_checkpoint_name
 
@@ -109,6 +109,6 @@ def write_snapshot(snap: dict[str, Any], folder: Path, name: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(snap, indent=1) + "\n")
+    tmp.write_text(snap.dumps() + "\n")
     tmp.replace(path)
     return path

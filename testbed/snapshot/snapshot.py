@@ -3,77 +3,65 @@
 `capture_live` pauses a running guest, reads the vCPUs from a migration
 stream, walks the kernel's objects and every user task's page tables through
 the shared RAM file, and resumes the guest. `assemble` does the reading part
-on any memory source (live RAM file or an ELF dump). The result is a plain
-dict in the documented, versioned format of SNAPSHOT-SCHEMA.md.
+on any memory source (live RAM file or an ELF dump). The result is a typed
+`Snapshot` (model.py); its JSON form is documented in SNAPSHOT-SCHEMA.md.
+Whatever could not be read is an `Absent` with the reader's one-line error.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import replace
 
 from testbed.errors import TestbedError
-from testbed.snapshot.kernel import KernelView, Mm, Task
+from testbed.snapshot.kernel import KernelView
+from testbed.snapshot.kernel import Mm as KMm
+from testbed.snapshot.kernel import Task as KTask
 from testbed.snapshot.migstream import VcpuState
+from testbed.snapshot.model import (
+    SCHEMA,
+    SCHEMA_VERSION,
+    Absent,
+    Cpu,
+    Kernel,
+    Mapping,
+    Mm,
+    Registers,
+    SlotEntry,
+    Snapshot,
+    Task,
+    TlbCtx,
+    TlbState,
+    Trigger,
+    hx,
+)
 from testbed.snapshot.pagetable import Entry, EntryKind, MappingRange, PageTableWalker
 
-SCHEMA = "testbed.snapshot"
-SCHEMA_VERSION = 1
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "Trigger", "assemble", "hx"]
 
 
-def hx(value: int) -> str:
-    return f"0x{value:x}"
+def cpu_registers(v: VcpuState) -> Registers:
+    return Registers(cr0=v.cr0, cr3=v.cr3, cr4=v.cr4, efer=v.efer, cpl=v.cpl, la57=v.la57,
+                     pke=v.pke, pkru=v.pkru, rip=v.rip)
 
 
-@dataclass(frozen=True)
-class Trigger:
-    """The guest thread that asked for the snapshot (a checkpoint), if any."""
-
-    name: str
-    pid: int
-    tid: int
-    facts: dict[str, str] = field(default_factory=dict)
-
-
-def cpu_record(v: VcpuState) -> dict[str, Any]:
-    return {
-        "index": v.index,
-        "cr0": hx(v.cr0),
-        "cr3": hx(v.cr3),
-        "cr4": hx(v.cr4),
-        "efer": hx(v.efer),
-        "cpl": v.cpl,
-        "la57": v.la57,
-        "pke": v.pke,
-        "pkru": hx(v.pkru),
-        "rip": hx(v.rip),
-    }
-
-
-def mapping_record(r: MappingRange) -> dict[str, Any]:
+def mapping_record(r: MappingRange, region: str | None = None) -> Mapping:
     flags = r.perms()
     if r.kind is EntryKind.LEAF:
         flags += "u" if r.user else "s"
         flags += "g" if r.global_ else ""
-    return {
-        "start": hx(r.start),
-        "end": hx(r.end),
-        "flags": flags,
-        "pkey": r.pkey,
-        "kind": r.kind.name.lower(),
-        "pages": r.pages,
-        "page_sizes": sorted(r.page_sizes),
-        "phys_start": hx(r.phys_start),
-        "phys_contiguous": r.phys_contiguous,
-    }
+    return Mapping(
+        start=r.start, end=r.end, flags=flags, pkey=r.pkey, kind=r.kind.name.lower(),
+        pages=r.pages, page_sizes=tuple(sorted(r.page_sizes)), phys_start=r.phys_start,
+        phys_contiguous=r.phys_contiguous, region=region,
+    )
 
 
 MM_REGIONS = (("start_stack", "stack"), ("start_brk", "heap"), ("start_code", "code"))
 
 
-def mm_regions(view: KernelView, mm: Mm) -> dict[str, int]:
+def mm_regions(view: KernelView, mm: KMm) -> dict[str, int]:
     """Addresses that name regions of an mm: stack, heap (brk) and code start."""
     out = {}
     for member, region in MM_REGIONS:
@@ -88,55 +76,57 @@ def mm_regions(view: KernelView, mm: Mm) -> dict[str, int]:
     return out
 
 
-def label_regions(mappings: list[dict[str, Any]], regions: dict[str, int]) -> None:
-    """Mark the mapping holding each named address (the heap: from start_brk to brk)."""
-    for m in mappings:
-        start, end = int(m["start"], 16), int(m["end"], 16)
-        for region in ("stack", "code"):
-            addr = regions.get(region)
-            if addr is not None and start <= addr < end:
-                m["region"] = region
-        heap, brk = regions.get("heap"), regions.get("brk")
-        if heap is not None and brk is not None and heap < brk and start < brk and heap < end:
-            m.setdefault("region", "heap")
+def region_of(start: int, end: int, regions: dict[str, int]) -> str | None:
+    """The named region a mapping holds (the heap: from start_brk to brk), if any."""
+    found = None
+    heap, brk = regions.get("heap"), regions.get("brk")
+    if heap is not None and brk is not None and heap < brk and start < brk and heap < end:
+        found = "heap"
+    for region in ("stack", "code"):
+        addr = regions.get(region)
+        if addr is not None and start <= addr < end:
+            found = region
+    return found
 
 
-def slot_record(e: Entry) -> dict[str, Any]:
+def label_regions(mappings: Sequence[Mapping], regions: dict[str, int]) -> tuple[Mapping, ...]:
+    return tuple(replace(m, region=region_of(m.start, m.end, regions)) for m in mappings)
+
+
+def slot_record(e: Entry) -> SlotEntry:
     """A 512 GiB entry (P4D with 5-level paging, PGD with 4-level): what RPAL copies."""
-    return {
-        "slot": e.va >> 39,
-        "raw": hx(e.raw),
-        "table": hx(e.addr),
-        "present": e.present,
-        "marker": e.sw9,  # software bit 1 (bit 9): RPAL's mark on a copied entry
-        "user": e.user,
-        "write": e.write,
-        "nx": e.nx,
-    }
+    return SlotEntry(slot=e.va >> 39, raw=e.raw, table=e.addr, present=e.present,
+                     marker=e.sw9, user=e.user, write=e.write, nx=e.nx)
 
 
-def slot_records(walker: PageTableWalker, root: int) -> list[dict[str, Any]]:
+def slot_records(walker: PageTableWalker, root: int) -> tuple[SlotEntry, ...] | Absent:
     try:
-        return [slot_record(e) for e in walker.slot_entries(root)]
+        return tuple(slot_record(e) for e in walker.slot_entries(root))
     except TestbedError as exc:
-        return [{"error": exc.one_line()}]
+        return Absent(exc.one_line())
 
 
-def mm_record(mm: Mm, tasks: Iterable[Task], walker: PageTableWalker) -> dict[str, Any]:
-    rec = {
-        "address": hx(mm.address),
-        "pgd": hx(mm.pgd_phys),
-        "tlb_gen": mm.tlb_gen,
-        "ctx_id": mm.ctx_id,
-        "cpumask": sorted(mm.cpumask),
-        "users": mm.users,
-        "tasks": sorted(t.pid for t in tasks),
-        "slots": slot_records(walker, mm.pgd_phys),
-    }
-    if mm.pti:
-        rec["user_pgd"] = hx(mm.user_pgd_phys)
-        rec["user_slots"] = slot_records(walker, mm.user_pgd_phys)
-    return rec
+def mm_record(mm: KMm, tasks: Iterable[KTask], walker: PageTableWalker) -> Mm:
+    return Mm(
+        address=mm.address, pgd=mm.pgd_phys, tlb_gen=mm.tlb_gen, ctx_id=mm.ctx_id,
+        cpumask=tuple(sorted(mm.cpumask)), users=mm.users,
+        tasks=tuple(sorted(t.pid for t in tasks)),
+        slots=slot_records(walker, mm.pgd_phys),
+        user_pgd=mm.user_pgd_phys if mm.pti else None,
+        user_slots=slot_records(walker, mm.user_pgd_phys) if mm.pti else None,
+    )
+
+
+def _tlb(view: KernelView, index: int) -> TlbState | Absent:
+    try:
+        tlb = view.cpu_tlbstate(index)
+    except TestbedError as exc:
+        return Absent(exc.one_line())
+    return TlbState(
+        loaded_mm=tlb.loaded_mm, loaded_mm_asid=tlb.loaded_mm_asid, is_lazy=tlb.is_lazy,
+        ctxs=tuple(TlbCtx(c.ctx_id, c.tlb_gen) for c in tlb.ctxs),
+        current_task=tlb.current_task or None,
+    )
 
 
 def assemble(
@@ -147,14 +137,14 @@ def assemble(
     trigger: Trigger | None = None,
     user_only: bool = True,
     pids: set[int] | None = None,
-) -> dict[str, Any]:
-    """Read the paused guest into a snapshot dict (see SNAPSHOT-SCHEMA.md)."""
+) -> Snapshot:
+    """Read the paused guest into a Snapshot (see SNAPSHOT-SCHEMA.md)."""
     t0 = time.perf_counter()
     walker = view.walker
     by_cpu = {v.index: v for v in vcpus}
     tasks = view.tasks()
-    mms: dict[int, Mm] = {}
-    mm_tasks: dict[int, list[Task]] = {}
+    mms: dict[int, KMm] = {}
+    mm_tasks: dict[int, list[KTask]] = {}
     for t in tasks:
         if t.mm:
             if t.mm not in mms:
@@ -163,77 +153,59 @@ def assemble(
                     continue
                 mms[t.mm] = found
             mm_tasks.setdefault(t.mm, []).append(t)
-    pti = view.pti
-    mappings_of: dict[int, list[dict[str, Any]]] = {}
+    mappings_of: dict[int, tuple[Mapping, ...] | Absent] = {}
     task_records = []
     for t in tasks:
         if user_only and not t.mm:
             continue
         if pids is not None and t.pid not in pids and t.tgid not in pids:
             continue
-        rec: dict[str, Any] = {
-            "pid": t.pid,
-            "tgid": t.tgid,
-            "comm": t.comm,
-            "cpu": t.cpu,
-            "state": t.state_char,
-            "running_on": t.running_on,
-            "kthread": t.is_kthread,
-            "task": hx(t.address),
-        }
+        pkru: int | Absent
         if t.running_on is not None and t.running_on in by_cpu:
-            rec["pkru"] = hx(by_cpu[t.running_on].pkru)
-            rec["pkru_source"] = f"cpu{t.running_on}"
+            pkru, source = by_cpu[t.running_on].pkru, f"cpu{t.running_on}"
+        elif t.running_on is not None:
+            # running, and its CPU's registers were not read: thread.pkru is from its last
+            # switch out, not what it runs with now
+            pkru = Absent(f"running on CPU {t.running_on}, whose registers were not read")
+            source = f"cpu{t.running_on}"
         else:
-            rec["pkru"] = hx(t.pkru)
-            rec["pkru_source"] = "thread.pkru"
+            pkru, source = t.pkru, "thread.pkru"
         mm = mms.get(t.mm)
+        maps: tuple[Mapping, ...] | Absent = ()
         if mm is not None:
-            rec["mm"] = hx(mm.address)
-            rec["pgd"] = hx(mm.pgd_phys)
-            root = mm.user_pgd_phys
-            if mm.pti:
-                rec["user_pgd"] = hx(root)
             if mm.address not in mappings_of:
                 try:
-                    maps = [mapping_record(r) for r in walker.mappings(root)]
+                    got = tuple(mapping_record(r) for r in walker.mappings(mm.user_pgd_phys))
                 except TestbedError as exc:
-                    maps = []
-                    rec["mappings_error"] = exc.one_line()
-                label_regions(maps, mm_regions(view, mm))
-                mappings_of[mm.address] = maps
-            rec["mappings"] = mappings_of[mm.address]
-        task_records.append(rec)
+                    mappings_of[mm.address] = Absent(exc.one_line())
+                else:
+                    mappings_of[mm.address] = label_regions(got, mm_regions(view, mm))
+            maps = mappings_of[mm.address]
+        elif t.mm:
+            maps = Absent(f"mm_struct at {hx(t.mm)} could not be read")
+        task_records.append(Task(
+            pid=t.pid, tgid=t.tgid, comm=t.comm, cpu=t.cpu, state=t.state_char,
+            running_on=t.running_on, kthread=t.is_kthread, task=t.address, pkru=pkru,
+            pkru_source=source,
+            mm=mm.address if mm is not None else (t.mm or None),
+            pgd=mm.pgd_phys if mm is not None else None,
+            user_pgd=mm.user_pgd_phys if mm is not None and mm.pti else None,
+            mappings=maps,
+        ))
     cpus = []
     for index in sorted(set(by_cpu) | set(view.online_cpus())):
-        rec = cpu_record(by_cpu[index]) if index in by_cpu else {"index": index}
-        try:
-            tlb = view.cpu_tlbstate(index)
-        except TestbedError as exc:
-            rec["tlb_error"] = exc.one_line()
-        else:
-            rec["tlb"] = {
-                "loaded_mm": hx(tlb.loaded_mm),
-                "loaded_mm_asid": tlb.loaded_mm_asid,
-                "is_lazy": tlb.is_lazy,
-                "ctxs": [{"ctx_id": c.ctx_id, "tlb_gen": c.tlb_gen} for c in tlb.ctxs],
-                "current_task": hx(tlb.current_task) if tlb.current_task else None,
-            }
-        cpus.append(rec)
-    return {
-        "schema": SCHEMA,
-        "schema_version": SCHEMA_VERSION,
-        "name": name,
-        "trigger": asdict(trigger) if trigger else None,
-        "kernel": {
-            "osrelease": view.layout.osrelease,
-            "paging_levels": walker.levels,
-            "pti": pti,
-            "kaslr_offset": hx(view.layout.kaslr_offset),
-            "layout_source": view.layout.source,
-        },
-        "cpus": cpus,
-        "tasks": task_records,
-        "mms": [mm_record(mm, mm_tasks.get(a, []), walker) for a, mm in sorted(mms.items())],
-        "timing": {"assemble_ms": round((time.perf_counter() - t0) * 1000, 2)},
-    }
+        regs: Registers | Absent = (cpu_registers(by_cpu[index]) if index in by_cpu
+                                    else Absent("no vCPU state for this CPU"))
+        cpus.append(Cpu(index, regs, _tlb(view, index)))
+    return Snapshot(
+        name=name,
+        trigger=trigger,
+        kernel=Kernel(
+            osrelease=view.layout.osrelease, paging_levels=walker.levels, pti=view.pti,
+            kaslr_offset=view.layout.kaslr_offset, layout_source=view.layout.source,
+        ),
+        cpus=tuple(cpus),
+        tasks=tuple(task_records),
+        mms=tuple(mm_record(mm, mm_tasks.get(a, []), walker) for a, mm in sorted(mms.items())),
+        timing={"assemble_ms": round((time.perf_counter() - t0) * 1000, 2)},
+    )

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Record real QEMU 7.2 migration streams (and HMP register dumps) for the tests.
 
-Boots the Debian kernel (/boot/vmlinuz-6.1.0-56-amd64) under TCG with a tiny
+Boots the newest Debian kernel in /boot (found as the product finds it) under TCG with a tiny
 initramfs whose /init is ``pkru_init.c`` (built here with ``gcc -static``):
 it pins itself to CPU 1, tags a page at 0x7e0000000000 with a fresh pkey,
 writes the marker "TESTBED-MARKER-PAGE" there, sets PKRU to 0x5A5A5A54 with
@@ -49,9 +49,10 @@ sys.path.insert(0, str(HERE.parent.parent))
 
 from qemu.qmp import QMPClient  # noqa: E402
 
+from testbed.boot.kernelimage import debian_kernel  # noqa: E402
 from testbed.snapshot import cpustate, migstream, pagetable  # noqa: E402
 
-KERNEL = Path("/boot/vmlinuz-6.1.0-56-amd64")
+KERNEL = debian_kernel()
 VARIANTS = {
     # -cpu max under TCG: AuthenticAMD (no PTI), LA57 (5-level paging)
     "la57-amd": "max",

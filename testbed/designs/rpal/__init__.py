@@ -1,0 +1,32 @@
+"""RPAL ("Run Process As Library"): its checks, scenarios, injected bugs and judge.
+
+checks.py: the invariants (host checks from snapshots; guest checks named for the
+workloads' verdict lines); scenarios.py: what the guests run; output.py: verdict-line
+name -> check. The reference kernel is kernel-patches/rpal-ref; its injected bugs
+(rpal.bug=NAME) are described in its README.
+"""
+
+from __future__ import annotations
+
+from testbed.designs import Design
+from testbed.designs.rpal.checks import CHECKS, judge
+from testbed.designs.rpal.kernel import requires
+from testbed.designs.rpal.output import OUTPUT_CHECKS
+from testbed.designs.rpal.scenarios import SCENARIOS
+
+# The injected bugs of the reference kernel (rpal.bug=NAME): each is named by some check.
+BUGS: tuple[str, ...] = tuple(sorted({b for c in CHECKS.values() for b in c.bugs}))
+
+DESIGN = Design(
+    name="rpal",
+    title="RPAL testbed report",
+    kernel_series="rpal-ref",
+    checks=CHECKS,
+    scenarios=SCENARIOS,
+    bugs=BUGS,
+    bug_param="rpal.bug",
+    bug_sysfs="/sys/module/rpal/parameters/bug",
+    output_checks=OUTPUT_CHECKS,
+    judge_snapshots=judge,
+    check_kernel=requires,
+)

@@ -1,0 +1,36 @@
+"""The RPAL scenarios: which workloads a guest runs, and with what, to exercise each invariant.
+
+Each scenario runs on a guest of its own; snapshots are taken at the
+workloads' checkpoints; findings come from the snapshot checks (checks.py,
+source host) and from the workloads' verdict lines (output.py, source guest).
+Every declared check must produce a finding, else `testbed run` reports an error.
+"""
+
+from __future__ import annotations
+
+from testbed.designs import Scenario
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario("phases", "pairing life cycle, snapshot at each phase", ("tb-rpal_phases",),
+                 ("slot_confinement", "slot_copies", "keys", "pkru", "tlb_state", "claims",
+                  "exit"), design="rpal"),
+        Scenario("pair", "two services share memory through pointers", ("tb-rpal_pair",),
+                 # no checkpoint yet: its host-named checks come from its verdict lines only
+                 ("slot_confinement", "slot_copies", "keys", "pkru", "faults", "isolation",
+                  "exit"), design="rpal"),
+        Scenario("same_pkey", "services with the same pkey must not pair",
+                 ("tb-rpal_pair --same-pkey",), ("keys",), design="rpal"),
+        Scenario("stale_tlb", "stale-TLB probe while the peer unmaps and re-protects",
+                 ("tb-rpal_stale_probe",), ("tlb_shootdown",), design="rpal"),
+        Scenario("stray", "stray accesses without pairing, pkey faults, the WRPKRU gadget",
+                 ("tb-rpal_stray",), ("faults", "isolation"), design="rpal"),
+        Scenario("limits", "15 peers at once, read() counts, id exhaustion and reuse delay",
+                 ("tb-rpal_limits",),
+                 ("slot_confinement", "slot_copies", "keys", "pkru", "claims", "exit", "ids",
+                  "peer_limit"), design="rpal"),
+        Scenario("protection_keys", "the kernel's own protection_keys selftest", (),
+                 ("selftest:protection_keys",), selftest="protection_keys", design="rpal"),
+    )
+}

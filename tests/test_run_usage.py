@@ -1,0 +1,91 @@
+"""`testbed run`/`matrix` options checked before anything boots; bugs in effect; modes."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from testbed.boot.hostcaps import Accel
+from testbed.designs import get_design
+from testbed.errors import UsageError
+from testbed.runner import (
+    DEFAULT_MODES,
+    GuestSpec,
+    check_append,
+    expand_modes,
+    kernel_append,
+    parse_bug_param,
+    parse_modes,
+    write_reproducer,
+)
+
+from conftest import run_testbed
+
+SCENARIOS = get_design("rpal").scenarios
+
+SPEC = GuestSpec(kernel=Path("/k/bzImage"), initrd=Path("/i.cpio"),
+                 accel=Accel("tcg", "max", "test"), paging=4, pti="on", append="quiet")
+
+
+@pytest.mark.parametrize("args", [
+    ["matrix", "--repeat", "0"],
+    ["matrix", "--repeat", "-3"],
+    ["run", "--append", 'x="'],
+    ["run", "--append", "a\nb"],
+    ["run", "--modes", "l7"],
+    ["run", "--modes", ""],
+    ["run", "--modes", "l5", "--paging", "4"],
+    ["run", "--parallel", "0"],
+])
+def test_usage_errors_exit_2_before_anything_boots(args: list[str], runs_dir: Path) -> None:
+    res = run_testbed(*args, "--kernel", "/nonexistent/bzImage", timeout=60)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert res.stderr.startswith("testbed: error: --"), res.stderr
+    assert "Traceback" not in res.stderr
+    assert not any(runs_dir.iterdir())  # nothing was started
+
+
+def test_balanced_quotes_and_plain_text_are_accepted() -> None:
+    assert check_append('dyndbg="file mm/* +p" quiet') == 'dyndbg="file mm/* +p" quiet'
+    assert check_append("") == ""
+    with pytest.raises(UsageError, match="unbalanced"):
+        check_append('a="b" c="')
+
+
+def test_the_bug_switch_comes_before_what_the_user_appends() -> None:
+    rpal = get_design("rpal")
+    append = kernel_append(replace(SPEC, append='x="y"'), ("skip_peer_flush",), rpal)
+    assert append.startswith("rpal.bug=skip_peer_flush ")
+    assert kernel_append(replace(SPEC, append=""), (), rpal) == ""
+
+
+@pytest.mark.parametrize(("text", "bugs"), [
+    ("none\n", ()), ("skip_peer_flush\n", ("skip_peer_flush",)),
+    ("same_pkey,pkru_open\n", ("pkru_open", "same_pkey")), ("", ()),
+])
+def test_bug_parameter_parse(text: str, bugs: tuple[str, ...]) -> None:
+    assert parse_bug_param(text) == bugs
+
+
+def test_default_modes_are_five_level_and_four_level_with_pti() -> None:
+    modes = parse_modes(",".join(DEFAULT_MODES))
+    assert [(m.paging, m.pti) for m in modes] == [(5, "off"), (4, "on")]
+    runs = expand_modes([SCENARIOS["pair"], SCENARIOS["protection_keys"]], modes)
+    # every snapshot scenario in both modes, the selftest once
+    assert [(sc.name, m.name) for sc, m in runs] == [
+        ("pair", "l5"), ("pair", "l4pti"), ("protection_keys", "l5")]
+
+
+def test_a_newline_in_an_argument_cannot_end_a_reproducer_comment(tmp_path: Path) -> None:
+    evil = "quiet\ntouch " + str(tmp_path / "pwned") + "\n"
+    path = write_reproducer(tmp_path, SCENARIOS["pair"], replace(SPEC, append=evil), ())
+    lines = path.read_text().splitlines()
+    first_exec = next(i for i, ln in enumerate(lines) if ln.startswith("exec "))
+    assert all(ln.startswith("#") for ln in lines[1:first_exec]), lines
+    subprocess.run(["sh", "-n", str(path)], check=True)
+    # what comes before the exec is only comments: running it as shell does nothing
+    subprocess.run(["sh", "-c", "\n".join(lines[:first_exec])], check=True)
+    assert not (tmp_path / "pwned").exists()
