@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.boot.qmp import QMP
-from testbed.snapshot.cpustate import CpuSnapshot, resume_after_migration, snapshot_cpus
+from testbed.snapshot.cpustate import CpuSnapshot, snapshot_cpus
 from testbed.snapshot.kernel import KernelView
 from testbed.snapshot.kernel_image import KernelImage
 from testbed.snapshot.model import Snapshot, Trigger
@@ -73,7 +73,7 @@ class LiveSnapshotter:
             snap = assemble(view, cpus, name=name, trigger=trigger, **assemble_args)
         finally:
             if was_running:  # whatever happened: a guest left paused would hang its run
-                refused = self.qmp.run(resume_after_migration(self.qmp.client), timeout=30)
+                refused = self._resume()
         t_end = time.perf_counter()
         snap.timing.update(
             cpus_ms=round((t_cpus - t0) * 1000, 2),
@@ -84,6 +84,35 @@ class LiveSnapshotter:
             total_ms=round((t_end - t0) * 1000, 2),
         )
         return snap
+
+    def _resume(self, patience: float = 10.0) -> int:
+        """`cont`, again while QEMU is still in finish-migrate; how often it was refused.
+
+        The MIGRATION "completed" event (or query-migrate) can come before
+        QEMU 7.2 has moved the run state from finish-migrate to postmigrate;
+        a `cont` in between fails with "Migration is not finalized yet" and
+        would leave the guest stopped for good (the workload then "did not
+        finish" after its whole timeout). Any other failure, or a refusal
+        lasting `patience` s, raises GuestStuck: the run fails at once
+        (Machine.check_alive) instead of timing out. The same for the async
+        path: testbed.snapshot.cpustate.resume_after_migration.
+        """
+        from testbed.errors import GuestError, GuestStuck
+
+        deadline = time.monotonic() + patience
+        refused = 0
+        while True:
+            try:
+                self.qmp.execute("cont")
+                return refused
+            except GuestError as exc:
+                if "not finalized" not in str(exc):
+                    raise GuestStuck(f"cannot resume the guest after a snapshot: {exc}") from exc
+                if time.monotonic() > deadline:
+                    raise GuestStuck(f"the guest stays paused: cannot resume it after a "
+                                     f"snapshot within {patience:g} s ({exc})") from exc
+                refused += 1
+            time.sleep(0.005)
 
     async def _pause_and_read_cpus(self) -> CpuSnapshot:
         """Stop a running guest and read its vCPUs; leave it stopped for the memory reads."""
