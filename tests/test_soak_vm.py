@@ -20,19 +20,21 @@ import pytest
 
 from testbed.boot.machine import SHM_DIR, SHM_PREFIX
 
+from conftest import qemu_processes_for
+
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
 
-def counts() -> dict[str, int]:
+def counts(runs: Path) -> dict[str, int]:
+    """What this process holds: fds, threads, child processes (pgrep leaves itself out),
+    QEMUs of its run folders (other runs on the machine are not ours), its RAM files."""
     children = subprocess.run(["pgrep", "-P", str(os.getpid())], capture_output=True,
                               text=True).stdout.split()
-    qemus = subprocess.run(["pgrep", "-f", "qemu-system"], capture_output=True,
-                           text=True).stdout.split()
     return {
         "fds": len(os.listdir("/proc/self/fd")),
         "threads": len(os.listdir("/proc/self/task")),
-        "children": len(children) - 1,  # pgrep itself
-        "qemu": len(qemus),
+        "children": len(children),
+        "qemu": len(qemu_processes_for(str(runs))),
         "shm": len(list(SHM_DIR.glob(f"{SHM_PREFIX}{os.getpid()}-*"))),
     }
 
@@ -52,7 +54,7 @@ def test_soak(rpal_kernel: Path, tmp_path: Path) -> None:
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     cli.main(["run", *(scenarios[:1] or ["phases"]), "--kernel", str(rpal_kernel),
               "--run-dir", str(tmp_path / "warm")])  # caches, imports, first-use threads
-    before = counts()
+    before = counts(tmp_path)
     outcomes: dict[str, set[tuple[int, str, tuple[str, ...]]]] = {"": set(), bug: set()}
     seconds: dict[str, list[float]] = {"": [], bug: []}
     try:
@@ -71,7 +73,7 @@ def test_soak(rpal_kernel: Path, tmp_path: Path) -> None:
     finally:
         for s, h in saved.items():
             signal.signal(s, h)
-    after = counts()
+    after = counts(tmp_path)
     for b, times in seconds.items():
         print(f"soak {b or 'no bug'}: {len(times)} runs, {min(times):.1f}-{max(times):.1f} s "
               f"(mean {sum(times) / len(times):.1f}); outcomes {outcomes[b]}")
