@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from testbed.designs import Design
 from testbed.designs.rpal.checks import CHECKS, judge
+from testbed.designs.rpal.kernel import requires
 from testbed.designs.rpal.output import OUTPUT_CHECKS
 from testbed.designs.rpal.scenarios import SCENARIOS
 
@@ -27,4 +28,5 @@ DESIGN = Design(
     bug_sysfs="/sys/module/rpal/parameters/bug",
     output_checks=OUTPUT_CHECKS,
     judge_snapshots=judge,
+    check_kernel=requires,
 )
