@@ -816,3 +816,18 @@ def test_run_on_debians_kernel_says_so_up_front(tmp_path: Path) -> None:
     err = one_line_error(res)
     assert "has no RPAL" in err
     assert not list(tmp_path.rglob("console.log"))  # no guest booted
+
+
+def test_command_output_files_are_capped_on_disk(tmp_path: Path) -> None:
+    """A guest that prints without end can't fill the host's disk: the file stops at the cap."""
+    from testbed.boot.ssh import CappedFile
+
+    with open(tmp_path / "out", "wb") as f:
+        capped = CappedFile(f, limit=1000)
+        for _ in range(50):
+            capped.write(b"x" * 333)
+        capped.flush()
+    data = (tmp_path / "out").read_bytes()
+    assert data.startswith(b"x" * 1000) and data.count(b"x") == 1000
+    assert data.count(b"truncated") == 1
+    assert capped.dropped == 50 * 333 - 1000

@@ -79,6 +79,33 @@ def write_known_hosts(keys: SshKeys, port: int) -> None:
 # Output of a guest command kept in memory, per stream; the rest goes only to the
 # streams and files given to run() (Machine.run keeps all of it in the run folder).
 MAX_KEPT_OUTPUT = 16 << 20
+# What one stream of one guest command may put in a file of the run folder: the guest
+# must not fill the host's disk. Past it, one line says so and the rest is dropped.
+MAX_FILE_OUTPUT = 256 << 20
+
+
+class CappedFile:
+    """A file that takes at most `limit` bytes, then one truncation notice."""
+
+    def __init__(self, stream: BinaryIO, limit: int = MAX_FILE_OUTPUT) -> None:
+        self.stream = stream
+        self.limit = limit
+        self.written = 0
+        self.dropped = 0
+
+    def write(self, data: bytes) -> None:
+        room = self.limit - self.written
+        if room > 0:
+            self.stream.write(data[:room])
+            self.written += min(room, len(data))
+        if len(data) > room:
+            if not self.dropped:
+                self.stream.write(f"\n[testbed: output truncated after {self.limit} bytes]\n"
+                                  .encode())
+            self.dropped += len(data) - max(room, 0)
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 @dataclass
@@ -177,10 +204,11 @@ class SshChannel:
         chan = transport.open_session()
         chan.exec_command(command)
         out, err = BoundedBuffer(keep), BoundedBuffer(keep)
+        files = [CappedFile(f) if f is not None else None for f in (stdout_file, stderr_file)]
         while True:
-            busy = _drain(chan.recv_ready, chan.recv, out, stdout, stdout_file)
+            busy = _drain(chan.recv_ready, chan.recv, out, stdout, files[0])
             busy = _drain(chan.recv_stderr_ready, chan.recv_stderr, err, stderr,
-                          stderr_file) or busy
+                          files[1]) or busy
             if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
                 break
             if timeout is not None and time.monotonic() - start > timeout:
@@ -205,7 +233,7 @@ class SshChannel:
 
 def _drain(
     ready: Callable[[], bool], recv: Callable[[int], bytes], buf: BoundedBuffer,
-    *streams: BinaryIO | None,
+    *streams: BinaryIO | CappedFile | None,
 ) -> bool:
     """Move what a channel has ready into `buf` (and `streams`); True if there was any."""
     moved = False
