@@ -17,7 +17,7 @@ from testbed.build.initramfs import ImageSpec, build_image
 from testbed.check.kernel_log import CHECK as KERNEL_LOG
 from testbed.check.model import CheckInfo, ScenarioResult, Status
 from testbed.designs import DEFAULT_DESIGN, Design, get_design
-from testbed.errors import UsageError
+from testbed.errors import EXIT_TESTBED_ERROR, UsageError
 from testbed.progress import Progress
 from testbed.report.common import RunMeta
 from testbed.runner import (
@@ -145,7 +145,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     if stopped:
         print(f"testbed: interrupted by {stopped}: the reports cover those", file=sys.stderr)
         return stopped.signal.exit_status
-    return 0 if all(r.passed for r in results) else 1
+    return run_status(results)
+
+
+def run_status(results: list[ScenarioResult]) -> int:
+    """0 all passed; 1 a check failed; 125 nothing failed but something could not be
+    judged (a scenario that could not run, a check that could not be evaluated)."""
+    if any(r.checks_with(Status.FAIL) for r in results):
+        return 1
+    if all(r.passed for r in results):
+        return 0
+    return EXIT_TESTBED_ERROR
 
 
 def _parent(run_dir: Path | None, kind: str) -> Path:
