@@ -40,7 +40,7 @@ def _design(args: argparse.Namespace) -> Design:
 
 def all_checks(design: Design) -> dict[str, CheckInfo]:
     """The design's checks and the design-independent kernel_log check."""
-    return {**design.checks, KERNEL_LOG.name: KERNEL_LOG}
+    return {KERNEL_LOG.name: KERNEL_LOG, **design.checks}
 
 
 def guest_spec(args: argparse.Namespace) -> tuple[GuestSpec, dict[str, float]]:
