@@ -55,7 +55,7 @@ static void checkpoint(struct rpal_link *l, const char *name)
 
 static int child(const char *role, int rfd, int wfd, int pkey_req)
 {
-	struct rpal_link l = { .rfd = rfd, .wfd = wfd, .role = role };
+	struct rpal_link l;
 	struct info me = { 0 }, peer = { 0 };
 	int is_a = role[0] == 'A';
 	struct rpal_fault f;
@@ -63,8 +63,10 @@ static int child(const char *role, int rfd, int wfd, int pkey_req)
 	volatile uint64_t *page, *ppage;
 	int fd, pkey, r;
 
+	rpal_link_init(&l, role, rfd, wfd);
 	if (rpal_nr_cpus() > 1)
 		rpal_pin_cpu(is_a ? 0 : 1);
+	rpal_step(&l, "enable");
 	fd = rpal_open();
 	pkey = fd < 0 ? fd : rpal_enable(fd, pkey_req);
 	if (pkey < 0) {
@@ -94,12 +96,14 @@ static int child(const char *role, int rfd, int wfd, int pkey_req)
 		checkpoint(&l, "enabled");
 	rpal_link_sync(&l, '2');
 
+	rpal_step(&l, "request");
 	r = rpal_request(fd, peer.key);
 	rpal_check(&l, r >= 0, "request", "request(%llu) -> %s",
 		   (unsigned long long)peer.key, rpal_errname(r));
 	rpal_link_sync(&l, '3');
 	if (is_a) {
 		set_facts(&me, &peer, "A-B", 1);
+		rpal_step(&l, "peer_read");
 		wrpkru(rpal_pkru_for(me.pkey) & rpal_pkru_for(peer.pkey));
 		r = rpal_try_read64(ppage, &v, TIMEOUT_MS, &f);
 		wrpkru(rpal_pkru_for(me.pkey));
@@ -118,6 +122,7 @@ static int child(const char *role, int rfd, int wfd, int pkey_req)
 		checkpoint(&l, "peer_flushed");
 	rpal_link_sync(&l, '6');
 
+	rpal_step(&l, "release");
 	if (is_a) {
 		r = rpal_release(fd, peer.key);
 		rpal_check(&l, r == 0, "release_call", "release -> %s", rpal_errname(r));
@@ -129,10 +134,12 @@ static int child(const char *role, int rfd, int wfd, int pkey_req)
 	rpal_link_sync(&l, '8');
 
 	/* pair again, then B exits */
+	rpal_step(&l, "repair");
 	r = rpal_request(fd, peer.key);
 	rpal_link_sync(&l, '9');
 	if (!is_a)
 		return l.failures ? 1 : 0;
+	rpal_step(&l, "dead_key");
 	r = rpal_poll_dead(fd, 5000);
 	rpal_check(&l, r == 1, "dead_key", "poll /proc/rpal after B's exit -> %d", r);
 	set_facts(&me, &peer, "none", 0);
@@ -145,10 +152,10 @@ int main(int argc, char **argv)
 	char *extra[2] = { "-1", "-1" };
 	int i;
 
-	setvbuf(stdout, NULL, _IOLBF, 0);
 	if (argc >= 5 && (!strcmp(argv[1], "A") || !strcmp(argv[1], "B")))
 		return child(argv[1], atoi(argv[2]), atoi(argv[3]),
 			     atoi(argv[argv[1][0] == 'A' ? 4 : 5]));
+	setvbuf(stdout, NULL, _IOLBF, 0);
 	for (i = 1; i + 1 < argc; i += 2) {
 		if (!strcmp(argv[i], "--pkey-a"))
 			extra[0] = argv[i + 1];

@@ -15,7 +15,18 @@
  * CPU 1 (QEMU's software TLB keeps it), and the probe reads stale data.
  * Prints "probe: FAIL <phase>: N stale reads ..." and exits 1 when it sees
  * any; exits 0 when none; 77 when there is only one CPU.
- *   tb-rpal_stale_probe [ROUNDS]     (default 3 rounds of each change)
+ * Before and after the probing, the peer takes checkpoints (facts peer.*
+ * probe.* pairs=, from what the kernel returned) while the probe waits on
+ * the pipe: enabled, paired, brk (both grew the heap by 3 pages, the peer
+ * gave one back: a flush of its mm, which must reach the probe's), in_handler
+ * (from the peer's SIGUSR1 handler entered at the union PKRU), probed (after
+ * the probing: the peer's flushes must have moved the probe's TLB
+ * generation), released, peer_exited (the probe exited: probe.alive=0).
+ * The probing is skipped (the rest goes on) when the probe cannot read the
+ * peer's slot or the peer's fresh mmaps are not usable (peer_read,
+ * mmap_tagged fail).
+ *   tb-rpal_stale_probe [ROUNDS] [--die-in ROLE:STEP[:hang]]
+ *                                    (default 3 rounds of each change)
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -34,8 +45,7 @@
 #define CHECK_READS 200
 
 struct info {
-	uint64_t key, id;
-	int32_t pkey, pad;
+	struct rpal_svc svc;	/* as the kernel told us */
 	uint64_t target;	/* T */
 	uint64_t flags;		/* struct flags in the peer's memory */
 };
@@ -48,6 +58,7 @@ struct flags {
 static struct flags fl __attribute__((aligned(4096)));
 enum { REMAP, PROTECT, UNMAP, NR_KINDS };
 static const char *kind_name[NR_KINDS] = { "remap", "protect", "unmap" };
+static char facts[512];
 
 static double now(void)
 {
@@ -78,41 +89,168 @@ static uint64_t *fresh_page(uint64_t val)
 	return p;
 }
 
-static int setup(struct rpal_link *l, int fd, struct info *me, struct info *peer)
+static void set_facts(int is_peer, const struct info *me, const struct info *other, int paired)
 {
-	int pkey = rpal_enable(fd, RPAL_PKEY_DEFAULT), r;
+	rpal_svc_facts(facts, sizeof(facts), "peer", is_peer ? &me->svc : &other->svc,
+		       "probe", is_peer ? &other->svc : &me->svc, paired);
+}
 
-	if (pkey < 0) {
-		printf("%s: FAIL enable: %s\n", l->role, rpal_errname(pkey));
+/* Both request each other; 1 when the kernel said that made them paired. */
+static int request(struct rpal_link *l, int fd, const struct info *other, int *mine)
+{
+	int theirs;
+
+	*mine = rpal_request(fd, other->svc.key);
+	rpal_link_send(l, mine, sizeof(*mine));
+	rpal_link_recv(l, &theirs, sizeof(theirs));
+	return *mine == 1 || theirs == 1;
+}
+
+/* Enable, exchange, checkpoint "enabled", pair, checkpoint "paired". */
+static int setup(struct rpal_link *l, int fd, struct info *me, struct info *other,
+		 int is_peer)
+{
+	int r;
+
+	rpal_step(l, "enable");
+	if (rpal_svc_enable(l, fd, RPAL_PKEY_DEFAULT, &me->svc))
+		return -1;
+	rpal_link_send(l, me, sizeof(*me));
+	rpal_link_recv(l, other, sizeof(*other));
+	set_facts(is_peer, me, other, 0);
+	rpal_pair_checkpoint(l, is_peer, "enabled", facts);
+	rpal_step(l, "request");
+	if (!request(l, fd, other, &r)) {
+		rpal_check(l, 0, "request", "request(%llu) -> %s, and the peer's did not "
+			   "map us either", (unsigned long long)other->svc.key, rpal_errname(r));
 		return -1;
 	}
-	rpal_get_key(fd, &me->key);
-	rpal_get_id(fd, &me->id);
-	me->pkey = pkey;
-	if (rpal_link_send(l, me, sizeof(*me)) ||
-	    rpal_link_recv(l, peer, sizeof(*peer)))
-		return -1;
-	r = rpal_request(fd, peer->key);
-	if (r < 0) {
-		printf("%s: FAIL request: %s\n", l->role, rpal_errname(r));
-		return -1;
+	set_facts(is_peer, me, other, 1);
+	rpal_pair_checkpoint(l, is_peer, "paired", facts);
+	return 0;
+}
+
+/* Before relying on them: the probe reads T and the flags through its copy
+ * of the peer's slot, the peer checks that a fresh mmap (it makes one for
+ * each remap) is usable with its PKRU.  1 when both worked (both learn). */
+static int first_checks(struct rpal_link *l, const struct info *me, const struct info *peer,
+			int is_probe)
+{
+	struct rpal_fault f = { 0 };
+	uint64_t v = 0, ph = ~0ull;
+	int ok = 1, theirs;
+
+	if (is_probe) {
+		rpal_step(l, "peer_read");
+		wrpkru(rpal_pkru_for(me->svc.pkey) & rpal_pkru_for(peer->svc.pkey));
+		ok = rpal_try_read64((uint64_t *)(uintptr_t)peer->target, &v, 3000, &f) == 0 &&
+		     v == OLD &&
+		     rpal_try_read64((uint64_t *)(uintptr_t)peer->flags, &ph, 3000, &f) == 0 &&
+		     ph == 0;
+		wrpkru(rpal_pkru_for(me->svc.pkey));
+		rpal_check(l, ok, "peer_read", "T at %#llx: %#llx, phase %#llx: %s",
+			   (unsigned long long)peer->target, (unsigned long long)v,
+			   (unsigned long long)ph, rpal_fault_str(&f));
+	} else {
+		uint64_t *p = mmap(NULL, 4096, PROT_READ | PROT_WRITE,
+				   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+		rpal_step(l, "mmap_tagged");
+		ok = p != MAP_FAILED && rpal_try_write64(p, NEW, 3000, &f) == 0;
+		rpal_check(l, ok, "mmap_tagged", "fresh mmap at %p: %s", (void *)p,
+			   rpal_fault_str(&f));
+		if (p != MAP_FAILED)
+			munmap(p, 4096);
 	}
-	return rpal_link_sync(l, 'r');
+	rpal_link_send(l, &ok, sizeof(ok));
+	rpal_link_recv(l, &theirs, sizeof(theirs));
+	if (ok && !theirs)
+		printf("%s: skipping the probing: the %s could not go on\n", l->role,
+		       is_probe ? "peer" : "probe");
+	return ok && theirs;
+}
+
+/* Paired, before the probing: brk, then a signal handler, with checkpoints. */
+static void before_probing(struct rpal_link *l, struct info *me, struct info *other,
+			   int is_peer)
+{
+	uint32_t own = rpal_pkru_for(me->svc.pkey);
+	uint32_t both = own & rpal_pkru_for(other->svc.pkey), in = 0;
+
+	/* the peer gives a page back: since "paired" only the peer's mm was
+	 * flushed, so the host sees whether that flush reached the probe */
+	rpal_brk_step(l, &me->svc, 3, is_peer);
+	rpal_pair_checkpoint(l, is_peer, "brk", facts);
+
+	rpal_step(l, "pkru");
+	rpal_link_sync(l, '<');
+	if (is_peer && rpal_checkpoint_in_handler(l, "in_handler", facts, both, &in) == 0)
+		rpal_check(l, in == own, "pkru", "PKRU in a signal handler entered with %#x: "
+			   "%#x, expected the service default %#x", both, in, own);
+	rpal_link_sync(l, '>');
+}
+
+/* After the probing (checkpoint "probed" if it ran: the peer's flushes must
+ * have moved the probe's TLB generation), release, pairing again, the
+ * probe's exit, with checkpoints. */
+static int after_probing(struct rpal_link *l, int fd, struct info *me, struct info *other,
+			 int is_peer, int probed)
+{
+	uint32_t own = rpal_pkru_for(me->svc.pkey);
+	uint32_t both = own & rpal_pkru_for(other->svc.pkey);
+	struct rpal_fault f;
+	uint64_t v;
+	int r;
+
+	if (probed)
+		rpal_pair_checkpoint(l, is_peer, "probed", facts);
+	rpal_step(l, "release");
+	if (is_peer) {
+		r = rpal_release(fd, other->svc.key);
+		rpal_check(l, r == 0, "release_call", "release -> %s", rpal_errname(r));
+	}
+	rpal_link_sync(l, 'R');
+	if (!is_peer) {
+		wrpkru(both);
+		r = rpal_try_read64((uint64_t *)(uintptr_t)other->target, &v, 3000, &f);
+		wrpkru(own);
+		rpal_check(l, r < 0 && f.sig == SIGSEGV, "release",
+			   "read of T after the peer's release: %s%s", rpal_fault_str(&f),
+			   r ? "" : " (stale copy still mapped)");
+	}
+	set_facts(is_peer, me, other, 0);
+	rpal_pair_checkpoint(l, is_peer, "released", facts);
+
+	rpal_step(l, "repair");
+	r = request(l, fd, other, &r);
+	if (is_peer)
+		rpal_check(l, r, "repair", "both requested again: mapped: %s", r ? "yes" : "no");
+	rpal_link_sync(l, 'e');
+	if (!is_peer)
+		return 0;
+	rpal_dead_key_step(l, fd, other->svc.key);
+	other->svc.alive = 0;
+	set_facts(is_peer, me, other, 0);
+	rpal_checkpoint(l, "peer_exited", facts);
+	return 0;
 }
 
 static int peer_main(struct rpal_link *l, int rounds)
 {
 	struct info me = { 0 }, peer;
 	uint64_t *t = fresh_page(OLD), *n, ph = 0;
-	int fd = rpal_open(), k, i;
+	int fd = rpal_open(), k, i, ok;
 
 	rpal_pin_cpu(0);
 	me.target = (uintptr_t)t;
 	me.flags = (uintptr_t)&fl;
-	if (fd < 0 || setup(l, fd, &me, &peer))
+	if (setup(l, fd, &me, &peer, 1))
 		return 1;
-	for (i = 0; i < rounds; i++) {
+	ok = first_checks(l, &me, &peer, 0);
+	before_probing(l, &me, &peer, 1);
+	for (i = 0; ok && i < rounds; i++) {
 		for (k = 0; k < NR_KINDS; k++) {
+			rpal_step(l, kind_name[k]);
 			/* T readable with OLD; let the probe warm its TLB */
 			fl.phase = ++ph;
 			if (wait_ack(ph))
@@ -144,8 +282,10 @@ static int peer_main(struct rpal_link *l, int rounds)
 		}
 	}
 	fl.phase = ~0ull;
-	rpal_link_sync(l, 'd');
-	return 0;
+	if (ok)
+		rpal_link_sync(l, 'd');
+	after_probing(l, fd, &me, &peer, 1, ok);
+	return l->failures ? 1 : 0;
 lost:
 	printf("%s: FAIL protocol: the probe stopped answering in phase %llu\n",
 	       l->role, (unsigned long long)ph);
@@ -159,24 +299,37 @@ static int probe_main(struct rpal_link *l, int rounds)
 	volatile uint64_t *t;
 	struct flags *pf;
 	uint64_t ph = 0, seen, v;
-	int fd = rpal_open(), k, i, j, r;
+	int fd = rpal_open(), k, i, j, r, ok;
 	int stale[NR_KINDS] = { 0 }, checks[NR_KINDS] = { 0 };
+	double end;
 
 	if (rpal_pin_cpu(1)) {
 		printf("%s: FAIL pin: cannot run on CPU 1\n", l->role);
 		return 1;
 	}
-	if (fd < 0 || setup(l, fd, &me, &peer))
+	if (setup(l, fd, &me, &peer, 0))
 		return 1;
+	ok = first_checks(l, &me, &peer, 1);
+	before_probing(l, &me, &peer, 0);
+	if (!ok)
+		goto after;
 	t = (uint64_t *)(uintptr_t)peer.target;
 	pf = (struct flags *)(uintptr_t)peer.flags;
-	wrpkru(rpal_pkru_for(me.pkey) & rpal_pkru_for(peer.pkey));
+	wrpkru(rpal_pkru_for(me.svc.pkey) & rpal_pkru_for(peer.svc.pkey));
 	for (i = 0; i < rounds; i++) {
 		for (k = 0; k < NR_KINDS; k++) {
+			rpal_step(l, kind_name[k]);
 			/* warm: wait for the ready phase, read T, ack */
 			ph++;
+			end = now() + RPAL_LINK_TIMEOUT_MS / 1000;
 			while (pf->phase != ph)
-				;
+				if (now() > end) {
+					wrpkru(rpal_pkru_for(me.svc.pkey));
+					printf("%s: FAIL protocol: the peer did not get to phase "
+					       "%llu in %d s\n", l->role, (unsigned long long)ph,
+					       RPAL_LINK_TIMEOUT_MS / 1000);
+					return 1;
+				}
 			for (j = 0; j < 100; j++)
 				rpal_try_read64(&t[j & 7], &v, 1000, &f);
 			/*
@@ -203,33 +356,41 @@ static int probe_main(struct rpal_link *l, int rounds)
 			pf->ack = ph;
 		}
 	}
-	wrpkru(rpal_pkru_for(me.pkey));
+	wrpkru(rpal_pkru_for(me.svc.pkey));
 	rpal_link_sync(l, 'd');
 	for (k = 0; k < NR_KINDS; k++)
 		rpal_check(l, stale[k] == 0, kind_name[k],
 			   "%d stale reads of %d after the peer's %s (%d rounds)",
 			   stale[k], checks[k], kind_name[k], rounds);
+after:
+	after_probing(l, fd, &me, &peer, 0, ok);
 	return l->failures ? 1 : 0;
 }
 
 int main(int argc, char **argv)
 {
-	int rounds = 3, r;
+	int rounds = 3, r, i, n;
 	char nbuf[16];
 
-	setvbuf(stdout, NULL, _IOLBF, 0);
 	if (argc >= 5 && (!strcmp(argv[1], "peer") || !strcmp(argv[1], "probe"))) {
-		struct rpal_link l = { .rfd = atoi(argv[2]), .wfd = atoi(argv[3]),
-				       .role = argv[1] };
+		struct rpal_link l;
 
+		rpal_link_init(&l, argv[1], atoi(argv[2]), atoi(argv[3]));
 		rounds = atoi(argv[4]);
 		return !strcmp(argv[1], "peer") ? peer_main(&l, rounds) :
 						  probe_main(&l, rounds);
 	}
-	if (argc > 1)
-		rounds = atoi(argv[1]);
-	if (rounds < 1)
-		rounds = 3;
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	for (i = 1; i < argc; i += n) {
+		n = rpal_die_in_option(argc, argv, i);
+		if (!n && (rounds = atoi(argv[i])) >= 1) {
+			n = 1;
+		} else if (!n) {
+			fprintf(stderr, "usage: %s [ROUNDS] [--die-in ROLE:STEP[:hang]]\n",
+				argv[0]);
+			return 2;
+		}
+	}
 	if (rpal_nr_cpus() < 2) {
 		printf("rpal_stale_probe: SKIP: needs 2 CPUs\n");
 		return 77;

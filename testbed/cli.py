@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from testbed.errors import EXIT_TESTBED_ERROR, EXIT_USAGE, TestbedError, UsageError
+from testbed.errors import EXIT_TESTBED_ERROR, EXIT_USAGE, Interrupted, TestbedError, UsageError
 
 # Each entry adds one or more subcommands; the module that owns the work owns its parser.
 Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
@@ -60,6 +60,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exc.run_dir is not None and exc.run_dir.is_dir():
             (exc.run_dir / "error.txt").write_text(line + "\n")
         return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_TESTBED_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("testbed: interrupted", file=sys.stderr)
-        return 130
+        return exc.exit_status if isinstance(exc, Interrupted) else 130

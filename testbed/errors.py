@@ -55,3 +55,28 @@ class GuestTimeout(GuestError):
 
 class QemuCrash(GuestError):
     pass
+
+
+class GuestStuck(GuestError):
+    """The guest was paused for a snapshot and could not be resumed."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP arrived; the testbed exits with 128 + signum."""
+
+    def __init__(self, signum: int = 2) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum
+
+    @property
+    def signal_name(self) -> str:
+        import signal
+
+        try:
+            return signal.Signals(self.signum).name
+        except ValueError:
+            return f"signal {self.signum}"

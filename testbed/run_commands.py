@@ -17,7 +17,7 @@ from testbed.build.initramfs import ImageSpec, build_image
 from testbed.check.kernel_log import CHECK as KERNEL_LOG
 from testbed.check.model import CheckInfo, ScenarioResult, Status
 from testbed.designs import DEFAULT_DESIGN, Design, get_design
-from testbed.errors import UsageError
+from testbed.errors import EXIT_TESTBED_ERROR, UsageError
 from testbed.progress import Progress
 from testbed.report.common import RunMeta
 from testbed.runner import (
@@ -25,6 +25,7 @@ from testbed.runner import (
     MODES,
     GuestSpec,
     Mode,
+    RunInterrupted,
     check_append,
     default_parallel,
     expand_modes,
@@ -39,7 +40,7 @@ def _design(args: argparse.Namespace) -> Design:
 
 def all_checks(design: Design) -> dict[str, CheckInfo]:
     """The design's checks and the design-independent kernel_log check."""
-    return {**design.checks, KERNEL_LOG.name: KERNEL_LOG}
+    return {KERNEL_LOG.name: KERNEL_LOG, **design.checks}
 
 
 def guest_spec(args: argparse.Namespace) -> tuple[GuestSpec, dict[str, float]]:
@@ -54,6 +55,9 @@ def guest_spec(args: argparse.Namespace) -> tuple[GuestSpec, dict[str, float]]:
         kernel = build_kernel(series=_design(args).kernel_series).bzimage
     timings["kernel"] = round(time.monotonic() - t0, 2)
     info = inspect_kernel(kernel)
+    check_kernel = _design(args).check_kernel
+    if check_kernel is not None:
+        check_kernel(kernel)  # before any guest boots: a kernel the design cannot run on
     t0 = time.monotonic()
     image = build_image(ImageSpec(kernel=info))
     timings["image"] = round(time.monotonic() - t0, 2)
@@ -113,18 +117,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     modes = run_modes(args)
     bugs = tuple(args.bug or ())
     design.check_bugs(bugs)
+    parent = _parent(args.run_dir, "run")
     spec, timings = guest_spec(args)
-    parent = args.run_dir or paths.new_run_dir("run")
-    parent.mkdir(parents=True, exist_ok=True)
     prog = Progress("run")
     jobs = [(sc, bugs, mode) for sc, mode in expand_modes(scenarios, modes)]
     prog.update(f"{len(jobs)} scenario run(s) ({', '.join(m.name for m in modes)}) on "
                 f"{args.parallel} guest(s) at a time", force=True)
     t0 = time.monotonic()
-    results = run_all(jobs, spec, parent, args.parallel)
+    stopped: RunInterrupted | None = None
+    try:
+        results = run_all(jobs, spec, parent, args.parallel)
+    except RunInterrupted as exc:
+        stopped, results = exc, exc.finished
     timings["scenarios"] = round(time.monotonic() - t0, 2)
-    prog.done()
+    prog.done("interrupted" if stopped else "done")
     meta = _meta(spec, bugs, started, timings, results, modes, design)
+    if stopped:
+        meta.extra["interrupted"] = str(stopped)
     print_summary(results, meta)
     outputs = {"junit": args.junit, "json": args.json, "html": args.html}
     for kind, path in outputs.items():
@@ -133,7 +142,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         {"junit": write_junit, "json": write_json, "html": write_html}[kind](results, path, meta)
         print(f"{kind}: {path}")
     print(f"run folder: {parent}")
-    return 0 if all(r.passed for r in results) else 1
+    if stopped:
+        print(f"testbed: interrupted by {stopped}: the reports cover those", file=sys.stderr)
+        return stopped.signal.exit_status
+    return run_status(results)
+
+
+def run_status(results: list[ScenarioResult]) -> int:
+    """0 all passed; 1 a check failed; 125 nothing failed but something could not be
+    judged (a scenario that could not run, a check that could not be evaluated)."""
+    if any(r.checks_with(Status.FAIL) for r in results):
+        return 1
+    if all(r.passed for r in results):
+        return 0
+    return EXIT_TESTBED_ERROR
+
+
+def _parent(run_dir: Path | None, kind: str) -> Path:
+    """The run's folder: --run-dir (checked now, before any build or boot) or a new one."""
+    if run_dir is None:
+        return paths.new_run_dir(kind)
+    return paths.make_private(paths.prepare_run_dir(run_dir))
 
 
 def matrix_rows(per_bug: dict[str, list[list[ScenarioResult]]], checks: list[str],
@@ -192,15 +221,18 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     scenarios = design.select(args.scenario)
     modes = run_modes(args)
     bugs = [""] + list(args.bug or design.bugs)
+    parent = _parent(args.run_dir, "matrix")
     spec, timings = guest_spec(args)
-    parent = args.run_dir or paths.new_run_dir("matrix")
-    parent.mkdir(parents=True, exist_ok=True)
     runs = expand_modes(scenarios, modes)
     jobs = [(sc, (b,) if b else (), mode) for _ in range(args.repeat) for b in bugs
             for sc, mode in runs]
     prog = Progress("matrix")
     prog.update(f"{len(jobs)} guests, {args.parallel} at a time", force=True)
-    results = run_all(jobs, spec, parent, args.parallel)
+    try:
+        results = run_all(jobs, spec, parent, args.parallel)
+    except RunInterrupted as exc:
+        prog.done("interrupted")
+        return _matrix_interrupted(exc, args, scenarios, parent, started)
     prog.done()
     per_bug: dict[str, list[list[ScenarioResult]]] = {b: [] for b in bugs}
     i = 0
@@ -223,13 +255,32 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         "scenarios": [s.name for s in scenarios], "modes": [m.name for m in modes],
         "checks": checks, "rows": rows,
         "problems": problems, "seconds": round(time.time() - started, 1),
-        "runs": [{"scenario": r.scenario, "bugs": list(r.bugs), "run_dir": r.run_dir,
-                  "failed_checks": sorted(r.failed_checks()), "error": r.error} for r in results],
+        "runs": _matrix_runs(results),
     }
     out = args.json or parent / "matrix.json"
     Path(out).write_text(json.dumps(doc, indent=1) + "\n")
     print(f"json: {out}\nrun folder: {parent}")
     return 0 if not problems else 1
+
+
+def _matrix_runs(results: list[ScenarioResult]) -> list[dict[str, Any]]:
+    return [{"scenario": r.scenario, "bugs": list(r.bugs), "run_dir": r.run_dir,
+             "failed_checks": sorted(r.failed_checks()), "error": r.error} for r in results]
+
+
+def _matrix_interrupted(exc: RunInterrupted, args: argparse.Namespace, scenarios: list[Any],
+                        parent: Path, started: float) -> int:
+    """An interrupted matrix: no verdict, the finished runs in matrix.json."""
+    doc = {
+        "schema": "testbed.matrix", "schema_version": 1, "repeat": args.repeat,
+        "scenarios": [s.name for s in scenarios], "interrupted": str(exc),
+        "seconds": round(time.time() - started, 1), "runs": _matrix_runs(exc.finished),
+    }
+    out = args.json or parent / "matrix.json"
+    Path(out).write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"json: {out}\nrun folder: {parent}")
+    print(f"testbed: matrix interrupted by {exc}: no verdict", file=sys.stderr)
+    return exc.signal.exit_status
 
 
 def _common(p: argparse.ArgumentParser) -> None:

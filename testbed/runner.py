@@ -13,18 +13,18 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from testbed import paths
 from testbed.boot.hostcaps import Accel
-from testbed.boot.machine import Checkpoint, Machine, MachineConfig
+from testbed.boot.machine import Checkpoint, Machine, MachineConfig, stop_all_guests
 from testbed.check.kernel_log import check_kernel_log
 from testbed.check.model import Finding, ScenarioResult, Status, missing_checks
 from testbed.designs import Design, Scenario, get_design
-from testbed.errors import TestbedError, UsageError
+from testbed.errors import Interrupted, TestbedError, UsageError
 from testbed.snapshot.live import LiveSnapshotter, write_snapshot
 from testbed.snapshot.model import Snapshot, Trigger
 
@@ -102,16 +102,42 @@ def guest_script(workloads: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
+END_RE = re.compile(r"@@@ end (0|[1-9]\d{0,5}) (\d{1,9})")
+
+
 def split_output(text: str, count: int) -> list[tuple[str, int | None]]:
-    """(output, status) of each workload from the bracketed guest output (pure)."""
+    """(output, status) of each workload from the bracketed guest output (pure).
+
+    The guest's output is hostile: one linear pass over its lines, whatever it
+    prints (marker lines of its own included); a workload without its end marker
+    gets the rest of the output and no status.
+    """
+    parts = text.split("\n")  # lines as the markers' shell writes them: "\n" only
+    lines = [p + "\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+    begins: dict[int, int] = {}  # workload -> index of its first begin line
+    ends: dict[int, list[tuple[int, int]]] = {}  # workload -> (line index, status)
+    for n, line in enumerate(lines):
+        if not line.startswith("@@@ "):
+            continue
+        body = line.rstrip("\n")
+        num = body[10:]
+        if (body.startswith("@@@ begin ") and line.endswith("\n") and num.isascii()
+                and num.isdigit()
+                and len(num) <= 6 and str(int(num)) == num):
+            begins.setdefault(int(num), n)
+        elif m := END_RE.fullmatch(body):
+            ends.setdefault(int(m.group(1)), []).append((n, int(m.group(2))))
     out: list[tuple[str, int | None]] = []
     for i in range(count):
-        m = re.search(rf"^@@@ begin {i}\n(.*?)^@@@ end {i} (\d+)$", text, re.S | re.M)
-        if m:
-            out.append((m.group(1), int(m.group(2))))
+        start = begins.get(i)
+        if start is None:
+            out.append(("", None))
+            continue
+        end = next(((n, st) for n, st in ends.get(i, ()) if n > start), None)
+        if end is None:
+            out.append(("".join(lines[start + 1:]), None))
         else:
-            start = re.search(rf"^@@@ begin {i}\n", text, re.M)
-            out.append((text[start.end():] if start else "", None))
+            out.append(("".join(lines[start + 1:end[0]]), end[1]))
     return out
 
 
@@ -247,7 +273,7 @@ def _run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], run_dir:
     if special is not None:  # a scenario the design runs its own way (RPAL: explore)
         special(sc, spec, bugs, run_dir, result)
         return
-    machine = None
+    machine: Machine | None = None
     try:
         machine = Machine(cfg, run_dir)
         if sc.selftest:
@@ -271,12 +297,6 @@ def _run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], run_dir:
             for w, (out, status) in zip(sc.workloads, split_output(text, len(sc.workloads)),
                                         strict=True):
                 outputs.append((w.split()[0], out, status))
-            for entry in m.checkpoint_log:
-                if "error" in entry:
-                    result.findings.append(Finding(
-                        "snapshot", Status.ERROR, f"snapshot at {entry.get('name')} failed: "
-                        f"{entry['error']}", name, str(entry.get("name", "")),
-                    ))
     except TestbedError as exc:
         result.error = exc.one_line()
     finally:
@@ -284,6 +304,13 @@ def _run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], run_dir:
             snapper.close()
         if machine is not None:
             result.findings += kernel_log_findings(machine.console_log, name)
+    # a refused or failed checkpoint is a finding of its own, whatever became of the command
+    for entry in machine.checkpoint_log if machine is not None else ():
+        if "error" in entry:
+            result.findings.append(Finding(
+                "snapshot", Status.ERROR, f"snapshot at {entry.get('name', '?')} failed: "
+                f"{entry['error']}", name, str(entry.get("name", "")),
+            ))
     result.findings += design.judge(snapshots, replace(sc, name=name), outputs)
     if not result.error:
         result.findings += missing_checks(sc.checks, result.findings, scenario=name)
@@ -347,13 +374,49 @@ def expand_modes(scenarios: Sequence[Scenario], modes: Sequence[Mode]
     return out
 
 
+class RunInterrupted(Exception):
+    """A signal stopped run_all: the results of the jobs that finished before it."""
+
+    def __init__(self, signal: Interrupted, finished: list[ScenarioResult], total: int) -> None:
+        super().__init__(f"{signal.signal_name}: {len(finished)} of {total} finished")
+        self.signal = signal
+        self.finished = finished
+        self.total = total
+
+
+STOP_GRACE = 5.0  # seconds an interrupted run gives its workers to wind down
+
+
 def run_all(jobs: Sequence[Job], spec: GuestSpec, parent: Path,
             parallel: int) -> list[ScenarioResult]:
-    """Run (scenario, bugs, mode) jobs on `parallel` guests at a time; results in job order."""
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        futures = [pool.submit(run_scenario, sc, spec, bugs, parent, mode)
-                   for sc, bugs, mode in jobs]
-        return [f.result() for f in futures]
+    """Run (scenario, bugs, mode) jobs on `parallel` guests at a time; results in job order.
+
+    On a signal (Interrupted, see terminate_on_signals): no queued job starts, every
+    guest is stopped, and RunInterrupted carries the results finished before it.
+    """
+    pool = ThreadPoolExecutor(max_workers=max(1, parallel))
+    futures = [pool.submit(run_scenario, sc, spec, bugs, parent, mode)
+               for sc, bugs, mode in jobs]
+    try:
+        results = [f.result() for f in futures]
+    except Interrupted as sig:
+        finished = [f.result() for f in futures if f.done() and not f.cancelled()
+                    and f.exception() is None]
+        _stop_workers(pool, futures)
+        raise RunInterrupted(sig, finished, len(jobs)) from None
+    pool.shutdown()
+    return results
+
+
+def _stop_workers(pool: ThreadPoolExecutor, futures: list[Any]) -> None:
+    """Cancel queued jobs and stop the guests of running ones, until they are done."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    deadline = time.monotonic() + STOP_GRACE
+    # New guests stay refused: the process is about to exit (allow_new_guests() undoes it).
+    while not all(f.done() for f in futures) and time.monotonic() < deadline:
+        stop_all_guests()  # again and again: a worker may be starting a guest
+        wait(futures, timeout=0.1)
+    stop_all_guests()
 
 
 def default_parallel(smp: int = 2) -> int:

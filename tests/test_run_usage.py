@@ -89,3 +89,18 @@ def test_a_newline_in_an_argument_cannot_end_a_reproducer_comment(tmp_path: Path
     # what comes before the exec is only comments: running it as shell does nothing
     subprocess.run(["sh", "-c", "\n".join(lines[:first_exec])], check=True)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_exit_status_tells_a_failed_check_from_a_run_that_could_not_judge() -> None:
+    from testbed.check.model import Finding, ScenarioResult, Status
+    from testbed.run_commands import run_status
+
+    ok = ScenarioResult("a", [Finding("keys", Status.PASS, "ok", "a"),
+                              Finding("pkru", Status.SKIP, "not exercised", "a")])
+    bad = ScenarioResult("b", [Finding("keys", Status.FAIL, "untagged", "b")])
+    err = ScenarioResult("c", [Finding("keys", Status.ERROR, "no mappings", "c")])
+    broken = ScenarioResult("d", [], error="guest kernel panic")
+    assert run_status([ok]) == 0
+    assert run_status([ok, bad, err]) == 1  # a failed check wins
+    assert run_status([ok, err]) == 125
+    assert run_status([broken]) == 125

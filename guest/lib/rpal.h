@@ -121,21 +121,91 @@ void rpal_watchdog(int timeout_ms);	/* 0 disarms */
 const char *rpal_fault_str(const struct rpal_fault *f);
 const char *rpal_errname(int err);	/* "EKEYREJECTED" for -EKEYREJECTED */
 
-/* Workload plumbing: a pair of processes connected by two pipes. */
+/*
+ * Workload plumbing: a pair of processes connected by two pipes.
+ *
+ * Every wait for the partner is bounded (RPAL_LINK_TIMEOUT_MS, or the
+ * environment's RPAL_TIMEOUT_MS): a link that fails, because the partner is
+ * gone (EOF, EPIPE) or silent too long, prints
+ * "ROLE: FAIL link: <what> at <where>, in step STEP" and ends the process
+ * with status 1.
+ *
+ * Each role names the step it is in (rpal_step()): the name of the check
+ * that the step exercises.  The step goes to a page shared with the parent
+ * of rpal_run_pair(), which reports a role killed by a signal as a failure
+ * of that check: "ROLE: FAIL STEP: killed by signal 11 (SIGSEGV) in step
+ * STEP".  rpal_step() also prints "ROLE: step STEP" (not a verdict line).
+ *
+ * For tests of this plumbing: RPAL_DIE_IN=ROLE:STEP in the environment makes
+ * ROLE die of SIGSEGV when it enters STEP; RPAL_DIE_IN=ROLE:STEP:hang makes
+ * it hang there instead (workloads take --die-in ROLE:STEP[:hang]).
+ */
+#define RPAL_LINK_TIMEOUT_MS	20000
+#define RPAL_PAIR_TIMEOUT_MS	240000	/* the whole pair, then both are killed */
+
 struct rpal_link {
 	int rfd, wfd;
 	const char *role;
 	int failures;
+	const char *step;	/* the step this role is in; NULL before the first */
 };
+/* A child's start: fill in @l, make stdout line-buffered in a static buffer
+ * (no malloc: under a kernel that mistags later mmaps, the heap would kill
+ * the first printf and the output with it), attach the step page. */
+void rpal_link_init(struct rpal_link *l, const char *role, int rfd, int wfd);
+void rpal_step(struct rpal_link *l, const char *step);
 int rpal_link_send(struct rpal_link *l, const void *buf, int len);
 int rpal_link_recv(struct rpal_link *l, void *buf, int len);
 int rpal_link_sync(struct rpal_link *l, char tag);	/* both sides call */
+/* Wait for the partner's end of the link to close: it exited (its mm is
+ * gone by then: exit_mm() comes before exit_files()). */
+void rpal_link_wait_gone(struct rpal_link *l);
 void rpal_check(struct rpal_link *l, int ok, const char *check,
 		const char *fmt, ...) __attribute__((format(printf, 4, 5)));
 /* Parent side: fork+exec "/proc/self/exe ROLE rfd wfd EXTRA..." for two roles
- * connected to each other; waits for both; returns 0 if both exited 0. */
+ * connected to each other; waits for both, at most RPAL_PAIR_TIMEOUT_MS, and
+ * a role still running 1.5 link timeouts after its partner ended is killed; prints a FAIL line of the step a role was in when it died of a
+ * signal or was killed; returns 0 if both exited 0. */
 int rpal_run_pair(const char *role_a, const char *role_b, int extra_argc,
 		  char **extra_argv);
+/* For a workload's main: "--die-in ROLE:STEP[:hang]" at argv[i] sets
+ * RPAL_DIE_IN for the children; returns the number of arguments used (0, 2). */
+int rpal_die_in_option(int argc, char **argv, int i);
+
+/*
+ * What the kernel told a service about itself through the ABI, for the
+ * host's checks (checkpoint facts "R.pid= R.id= R.key= R.pkey= R.alive=").
+ */
+struct rpal_svc {
+	uint64_t pid, key, id;
+	int32_t pkey, alive;
+};
+/* Enable the service (pkey_req: 0..15 or RPAL_PKEY_DEFAULT) and read back
+ * its key, id and pkey with the ioctls; "ROLE: FAIL enable: ..." and -1 when
+ * any of them fails or the two pkeys (ENABLE's, GET_SERVICE_PKEY's) differ. */
+int rpal_svc_enable(struct rpal_link *l, int fd, int pkey_req, struct rpal_svc *me);
+/* Facts of two services and whether they are paired (pairs=RA-RB|none). */
+void rpal_svc_facts(char *buf, int cap, const char *ra, const struct rpal_svc *a,
+		    const char *rb, const struct rpal_svc *b, int paired);
+/* Take checkpoint @name with @facts: "ROLE: ok|FAIL checkpoint: NAME: ..." */
+int rpal_checkpoint(struct rpal_link *l, const char *name, const char *facts);
+/* The same from inside a SIGUSR1 handler that the thread enters with PKRU
+ * @pkru; *in_handler is the PKRU the handler ran with (the kernel sets the
+ * service's default PKRU on signal delivery). */
+int rpal_checkpoint_in_handler(struct rpal_link *l, const char *name, const char *facts,
+			       uint32_t pkru, uint32_t *in_handler);
+/* Both roles call it: sync, the @taker takes checkpoint @name, sync again
+ * (the partner waits in read(), at its own PKRU, while the host looks). */
+void rpal_pair_checkpoint(struct rpal_link *l, int taker, const char *name, const char *facts);
+
+/* Step brk_tagged: grow the heap by @pages pages (sbrk), write each with the
+ * current PKRU (the check: the service's own key must open them), then
+ * write them again with key 0 open too, so that a page the kernel left
+ * untagged is in the page tables for the host to see; @give_back: shrink by
+ * one page again (a flush of our mm, which must reach the peers' too). */
+int rpal_brk_step(struct rpal_link *l, const struct rpal_svc *me, int pages, int give_back);
+/* Step dead_key: poll() then read() on /proc/rpal must report @peer_key. */
+int rpal_dead_key_step(struct rpal_link *l, int fd, uint64_t peer_key);
 int rpal_pin_cpu(int cpu);
 int rpal_nr_cpus(void);
 

@@ -4,6 +4,9 @@
  *   guest -> host: "checkpoint <name> <pid> <tid> [key=value ...]\n"
  *   host -> guest: "ok <name>\n" or "err <reason>\n"
  * flock() on the port serializes checkpoints of concurrent processes.
+ *
+ * Async-signal-safe: nothing but system calls and our own string code (no
+ * stdio, no malloc, no opendir), so a signal handler may take a checkpoint.
  */
 #define _GNU_SOURCE
 #include "tb_checkpoint.h"
@@ -11,41 +14,95 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <stdio.h>
 #include <string.h>
 #include <sys/file.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
-static int find_port(char *dev, size_t len)
+struct dent64 {
+	unsigned long long d_ino;
+	long long d_off;
+	unsigned short d_reclen;
+	unsigned char d_type;
+	char d_name[];
+};
+
+/* Append s to buf (capacity cap, *len used); 0, or -1 when it does not fit. */
+static int put(char *buf, size_t cap, size_t *len, const char *s)
 {
-	DIR *d = opendir("/sys/class/virtio-ports");
-	struct dirent *e;
-	int found = -1;
+	size_t n = strlen(s);
 
-	if (!d)
+	if (*len + n >= cap)
 		return -1;
-	while ((e = readdir(d)) != NULL) {
-		char path[512], name[128] = "";
-		FILE *f;
+	memcpy(buf + *len, s, n);
+	*len += n;
+	buf[*len] = 0;
+	return 0;
+}
 
-		if (e->d_name[0] == '.')
-			continue;
-		snprintf(path, sizeof(path), "/sys/class/virtio-ports/%s/name", e->d_name);
-		f = fopen(path, "r");
-		if (!f)
-			continue;
-		if (fgets(name, sizeof(name), f))
-			name[strcspn(name, "\n")] = 0;
-		fclose(f);
-		if (strcmp(name, TB_CHECKPOINT_PORT) == 0) {
-			snprintf(dev, len, "/dev/%s", e->d_name);
-			found = 0;
-			break;
+static int put_num(char *buf, size_t cap, size_t *len, long v)
+{
+	char tmp[24];
+	int i = sizeof(tmp) - 1;
+	unsigned long u = v < 0 ? -(unsigned long)v : (unsigned long)v;
+
+	tmp[i] = 0;
+	do {
+		tmp[--i] = '0' + u % 10;
+		u /= 10;
+	} while (u);
+	if (v < 0)
+		tmp[--i] = '-';
+	return put(buf, cap, len, tmp + i);
+}
+
+/* Is /sys/class/virtio-ports/<port>/name our port's name? */
+static int is_our_port(const char *port)
+{
+	char path[300] = "", name[64];
+	size_t len = 0;
+	ssize_t n;
+	int fd;
+
+	if (put(path, sizeof(path), &len, "/sys/class/virtio-ports/") ||
+	    put(path, sizeof(path), &len, port) || put(path, sizeof(path), &len, "/name"))
+		return 0;
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return 0;
+	n = read(fd, name, sizeof(name) - 1);
+	close(fd);
+	if (n <= 0)
+		return 0;
+	name[n] = 0;
+	name[strcspn(name, "\n")] = 0;
+	return strcmp(name, TB_CHECKPOINT_PORT) == 0;
+}
+
+static int find_port(char *dev, size_t cap)
+{
+	char ents[2048];
+	int fd = open("/sys/class/virtio-ports", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	long n;
+
+	if (fd < 0)
+		return -1;
+	while ((n = syscall(SYS_getdents64, fd, ents, sizeof(ents))) > 0) {
+		for (long off = 0; off < n;) {
+			struct dent64 *e = (struct dent64 *)(ents + off);
+			size_t len = 0;
+
+			off += e->d_reclen;
+			if (e->d_name[0] == '.' || !is_our_port(e->d_name))
+				continue;
+			close(fd);
+			dev[0] = 0;
+			return put(dev, cap, &len, "/dev/") || put(dev, cap, &len, e->d_name) ?
+			       -1 : 0;
 		}
 	}
-	closedir(d);
-	return found;
+	close(fd);
+	return -1;
 }
 
 int tb_checkpoint(const char *name)
@@ -53,11 +110,23 @@ int tb_checkpoint(const char *name)
 	return tb_checkpoint_facts(name, NULL);
 }
 
+static void say(const char *a, const char *b, const char *c)
+{
+	char msg[600] = "";
+	size_t len = 0;
+
+	put(msg, sizeof(msg), &len, a);
+	put(msg, sizeof(msg), &len, b);
+	put(msg, sizeof(msg), &len, c);
+	if (write(2, msg, len) < 0)
+		return;
+}
+
 int tb_checkpoint_facts(const char *name, const char *facts)
 {
-	char dev[300], line[4096], reply[512];
-	size_t got = 0;
-	int fd, n;
+	char dev[300], line[4096] = "", reply[512];
+	size_t got = 0, n = 0;
+	int fd;
 
 	if (strpbrk(name, " \n") || !*name || (facts && strchr(facts, '\n'))) {
 		errno = EINVAL;
@@ -67,19 +136,23 @@ int tb_checkpoint_facts(const char *name, const char *facts)
 		errno = ENODEV;
 		return -1;
 	}
+	if (put(line, sizeof(line), &n, "checkpoint ") || put(line, sizeof(line), &n, name) ||
+	    put(line, sizeof(line), &n, " ") || put_num(line, sizeof(line), &n, getpid()) ||
+	    put(line, sizeof(line), &n, " ") ||
+	    put_num(line, sizeof(line), &n, syscall(SYS_gettid)) ||
+	    (facts && *facts && (put(line, sizeof(line), &n, " ") ||
+				 put(line, sizeof(line), &n, facts))) ||
+	    put(line, sizeof(line), &n, "\n")) {
+		errno = E2BIG;
+		return -1;
+	}
 	fd = open(dev, O_RDWR | O_CLOEXEC);
 	if (fd < 0)
 		return -1;
 	/* a kernel without CONFIG_FILE_LOCKING (tinyconfig) has no flock: go unserialized */
 	if (flock(fd, LOCK_EX) != 0 && errno != ENOSYS)
 		goto fail;
-	n = snprintf(line, sizeof(line), "checkpoint %s %d %ld%s%s\n", name, getpid(),
-		     (long)syscall(SYS_gettid), facts && *facts ? " " : "", facts ? facts : "");
-	if (n >= (int)sizeof(line)) {
-		errno = E2BIG;
-		goto fail;
-	}
-	if (write(fd, line, n) != n)
+	if (write(fd, line, n) != (ssize_t)n)
 		goto fail;
 	while (got < sizeof(reply) - 1) {
 		ssize_t r = read(fd, reply + got, 1);
@@ -94,12 +167,13 @@ int tb_checkpoint_facts(const char *name, const char *facts)
 	close(fd);
 	if (strncmp(reply, "ok ", 3) == 0)
 		return 0;
-	fprintf(stderr, "tb_checkpoint %s: host says: %s", name, reply);
+	say("tb_checkpoint ", name, ": host says: ");
+	say(reply, "", "");
 	errno = EIO;
 	return -1;
 fail:
-	n = errno;
+	got = errno;
 	close(fd);
-	errno = n;
+	errno = (int)got;
 	return -1;
 }

@@ -6,6 +6,13 @@
  * there is no checkpoint channel or the host refused (the host's reason is
  * printed on stderr). The calling thread is asleep in read() while the host
  * looks, so its registers, PKRU included, are saved in its task_struct.
+ *
+ * Both are async-signal-safe (only system calls, no stdio or malloc): a
+ * signal handler may take a checkpoint, and the host then sees the PKRU the
+ * thread has in the handler.  They set errno on failure, so a handler saves
+ * and restores errno around them.  A signal that interrupts a checkpoint of
+ * the same process must not take one itself: the second flock() would wait
+ * for the first forever.
  */
 #ifndef TB_CHECKPOINT_H
 #define TB_CHECKPOINT_H

@@ -14,7 +14,7 @@ from testbed import paths
 from testbed.boot.kernelimage import default_kernel, inspect_kernel, resolve_kernel
 from testbed.boot.machine import Machine, MachineConfig, resolve_accel
 from testbed.build.initramfs import ImageSpec, build_image
-from testbed.errors import TestbedError
+from testbed.errors import Interrupted, TestbedError
 from testbed.progress import Progress
 
 
@@ -32,7 +32,7 @@ def add_machine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pti", choices=("auto", "on", "off"), default="auto",
                    help="kernel page-table isolation (default: the kernel's choice)")
     g.add_argument("--append", default="", help="extra kernel command line")
-    g.add_argument("--boot-timeout", type=float, default=180.0, metavar="S",
+    g.add_argument("--boot-timeout", type=positive_seconds, default=180.0, metavar="S",
                    help="give up on a guest not ready after S seconds (default 180)")
     g.add_argument("--file", action="append", metavar="HOST[:GUEST]",
                    help="put a host file in the guest (default /usr/bin/NAME); repeatable")
@@ -47,7 +47,7 @@ def machine_from_args(args: argparse.Namespace, kind: str) -> Machine:
     """
     run_dir = args.run_dir
     if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        paths.make_private(paths.prepare_run_dir(run_dir))
     else:
         run_dir = paths.new_run_dir(kind)
     try:
@@ -63,8 +63,7 @@ def _machine(args: argparse.Namespace, run_dir: Path) -> Machine:
     if args.smp < 1 or args.mem < 64:
         raise TestbedError("--smp must be at least 1 and --mem at least 64 MiB")
     if args.initrd is not None:
-        if not args.initrd.is_file():
-            raise TestbedError(f"initrd {args.initrd} does not exist: pass an initramfs file")
+        check_initrd(args.initrd)
         initrd, ours = args.initrd, False
     else:
         initrd, ours = build_image(ImageSpec(kernel=info)).path, True
@@ -76,6 +75,44 @@ def _machine(args: argparse.Namespace, run_dir: Path) -> Machine:
         boot_timeout=args.boot_timeout, ready_marker=ours, files=parse_files(args.file or []),
     )
     return Machine(cfg, run_dir)
+
+
+# What an initramfs starts with: a cpio archive ("newc" or "crc"), or one compressed by
+# a method the kernel can unpack (gzip, bzip2, lzma, xz, lzo, lz4, zstd).
+INITRD_MAGICS = (b"070701", b"070702", b"\x1f\x8b", b"BZh", b"\x5d\x00\x00",
+                 b"\xfd7zXZ\x00", b"\x89LZO", b"\x02\x21\x4c\x18", b"\x28\xb5\x2f\xfd")
+
+
+def check_initrd(path: Path) -> None:
+    """A user's --initrd: a readable file that looks like an initramfs; TestbedError if not."""
+    if not path.exists():
+        raise TestbedError(f"initrd {path} does not exist: pass an initramfs file")
+    if not path.is_file():
+        raise TestbedError(f"initrd {path} is not a file: pass an initramfs file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as exc:
+        raise TestbedError(f"initrd {path} cannot be read ({exc.strerror})") from None
+    if not head.startswith(INITRD_MAGICS):
+        raise TestbedError(f"initrd {path} is not an initramfs (neither a cpio archive nor a "
+                           f"compressed one; it starts {head[:6]!r}): pass an initramfs file")
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type of a timeout: seconds, more than 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be more than 0 seconds")
+    return value
+
+
+def prepare_snapshots_dir(folder: Path) -> Path:
+    """--snapshots DIR: made now and checked writable, before any guest boots."""
+    return paths.prepare_run_dir(folder, "--snapshots")
 
 
 def parse_files(specs: list[str]) -> dict[str, Path]:
@@ -115,7 +152,7 @@ def terminate_on_signals() -> None:
     """
 
     def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+        raise Interrupted(signum)
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, handler)
@@ -133,6 +170,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if not argv:
         argv = ["tb-pkey_fault"]  # the built-in default: prove MPK works in the guest
     terminate_on_signals()
+    if args.snapshots is not None:
+        prepare_snapshots_dir(args.snapshots)
     m = machine_from_args(args, "exec")
     boot_with_progress(m)
     snapper = None
@@ -194,7 +233,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
 def add_parsers(sub: Any) -> None:
     p = sub.add_parser("exec", help="boot a guest, run a command in it, exit with its status")
     add_machine_options(p)
-    p.add_argument("--timeout", type=float, default=None, metavar="S",
+    p.add_argument("--timeout", type=positive_seconds, default=None, metavar="S",
                    help="fail if the command runs longer than S seconds")
     p.add_argument("--snapshots", type=Path, metavar="DIR",
                    help="write DIR/NAME.json at each guest checkpoint (tb-checkpoint NAME)")

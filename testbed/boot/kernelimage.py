@@ -25,7 +25,19 @@ class KernelInfo:
         return self.version.split()[0] if self.version else ""
 
 
-def parse_bzimage(data: bytes, path: Path = Path("<bytes>")) -> KernelInfo:
+def bzimage_size(data: bytes) -> int:
+    """The size a bzImage's boot header says it has: the setup sectors (setup_sects at
+    0x1F1, 0 meaning 4) plus the boot sector, then syssize (0x1F4) 16-byte units of
+    protected-mode code. A signed image is longer (the signature is appended)."""
+    setup_sects = data[0x1F1] or 4
+    (syssize,) = struct.unpack_from("<I", data, 0x1F4)
+    return (setup_sects + 1) * 512 + syssize * 16
+
+
+def parse_bzimage(data: bytes, path: Path = Path("<bytes>"), size: int | None = None
+                  ) -> KernelInfo:
+    """Facts from the head of a bzImage; `size`, the file's length, is checked against
+    the header's when given."""
     if len(data) < 0x210 or data[0x202:0x206] != SETUP_HEADER_MAGIC:
         if data[:4] == b"\x7fELF":
             raise TestbedError(
@@ -34,6 +46,11 @@ def parse_bzimage(data: bytes, path: Path = Path("<bytes>")) -> KernelInfo:
             )
         raise TestbedError(f"kernel {path} is not a bzImage (no 'HdrS' boot header): pass a kernel")
     minor, major = data[0x206], data[0x207]
+    if size is not None:
+        want = bzimage_size(data)
+        if size < want:
+            raise TestbedError(f"kernel image {path} truncated: header says {want} bytes, "
+                               f"file has {size}: copy or build it again")
     version = ""
     if (major, minor) >= (2, 0):
         (ptr,) = struct.unpack_from("<H", data, 0x20E)
@@ -53,9 +70,10 @@ def inspect_kernel(path: Path) -> KernelInfo:
     try:
         with open(path, "rb") as f:
             head = f.read(0x10000)
+            size = os.fstat(f.fileno()).st_size
     except OSError as exc:
         raise TestbedError(f"kernel {path} cannot be read: {exc.strerror}") from exc
-    return parse_bzimage(head, path)
+    return parse_bzimage(head, path, size)
 
 
 def resolve_kernel(spec: Path | str) -> Path:

@@ -22,7 +22,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -35,7 +35,14 @@ from testbed.boot.qmp import QMP
 from testbed.boot.ssh import CommandResult, SshChannel, SshKeys, free_port, make_keys
 from testbed.build.cpio import Entry
 from testbed.build.initramfs import READY_MARKER, with_overlay
-from testbed.errors import GuestError, GuestPanic, GuestTimeout, QemuCrash, TestbedError
+from testbed.errors import (
+    GuestError,
+    GuestPanic,
+    GuestStuck,
+    GuestTimeout,
+    QemuCrash,
+    TestbedError,
+)
 
 CHECKPOINT_PORT = "org.testbed.checkpoint"  # virtio-serial port name, see guest/lib/tb_checkpoint.c
 SHM_DIR = Path(os.environ.get("TESTBED_SHM_DIR", "/dev/shm"))
@@ -79,8 +86,9 @@ def _set_pdeathsig() -> None:  # runs in the child between fork and exec
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def sweep_stale_ram_files(shm_dir: Path = SHM_DIR) -> list[Path]:
+def sweep_stale_ram_files(shm_dir: Path | None = None) -> list[Path]:
     """Delete RAM files whose owner died without cleaning up (its flock is gone)."""
+    shm_dir = shm_dir or SHM_DIR
     removed = []
     for f in shm_dir.glob(SHM_PREFIX + "*"):
         try:
@@ -90,9 +98,8 @@ def sweep_stale_ram_files(shm_dir: Path = SHM_DIR) -> list[Path]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            continue  # alive
-        finally:
-            pass
+            os.close(fd)  # alive: its owner holds the lock
+            continue
         try:
             f.unlink()
             removed.append(f)
@@ -101,6 +108,64 @@ def sweep_stale_ram_files(shm_dir: Path = SHM_DIR) -> list[Path]:
         finally:
             os.close(fd)
     return removed
+
+
+def check_ram_room(mem_mib: int, shm_dir: Path | None = None) -> None:
+    """Refuse, before boot, guest RAM the host cannot hold: a guest that touches RAM
+    beyond the free space of /dev/shm dies of SIGBUS mid-command."""
+    shm_dir = shm_dir or SHM_DIR
+    need = mem_mib << 20
+    total = _host_memory()
+    if total is not None and need > total:
+        raise TestbedError(f"--mem {mem_mib} MiB is more than the host's memory "
+                           f"({total >> 20} MiB): ask for less")
+    try:
+        st = os.statvfs(shm_dir)
+    except OSError as exc:
+        raise TestbedError(f"guest RAM folder {shm_dir} is not usable ({exc.strerror}): "
+                           "set TESTBED_SHM_DIR to a tmpfs folder") from exc
+    free = st.f_bavail * st.f_frsize
+    if need > free:
+        raise TestbedError(f"{shm_dir} has {free >> 20} MiB free, the guest needs {mem_mib} MiB "
+                           f"(--mem): free space there or ask for less")
+
+
+def _free_mib(folder: Path) -> int | str:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return "?"
+    return (st.f_bavail * st.f_frsize) >> 20
+
+
+def _host_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+LOGGED_LINE = 200  # bytes of a request line kept in the checkpoint log
+MAX_LOGGED_ERRORS = 100
+
+
+def bounded_lines(reader: BinaryIO, limit: int) -> Iterator[bytes | None]:
+    """Lines of at most `limit` bytes from `reader`; None for each longer one, whose
+    bytes are read and dropped without ever holding more than `limit` of them."""
+    while True:
+        line = reader.readline(limit + 1)
+        if not line:
+            return
+        if len(line) <= limit:
+            yield line
+            continue
+        while line and not line.endswith(b"\n"):  # drop the rest of the long line
+            line = reader.readline(limit)
+        yield None
 
 
 @dataclass(frozen=True)
@@ -113,22 +178,67 @@ class Checkpoint:
     facts: dict[str, str] = field(default_factory=dict)  # KEY=VALUE the guest added
 
 
+MAX_LINE = 64 << 10  # longest line taken from the guest on the checkpoint channel
+MAX_NAME = 64
+MAX_FACTS = 256  # rpal_limits sends 69
+MAX_ID = 1 << 22  # PID_MAX_LIMIT: pids and tids are below it
+# A checkpoint name becomes a file name on the host (snapshots/NAME.json): one path
+# component of plain characters, never "." or "..", never hidden.
+NAME_RE = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9_.-]{{0,{MAX_NAME - 1}}}")
+FACT_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+FACT_VALUE_RE = re.compile(r"[\x21-\x7e]{0,1024}")  # printable ASCII, no space
+
+
+def check_checkpoint_name(name: str) -> str:
+    """`name` if it is safe as a host file name; ValueError otherwise (pure)."""
+    if not NAME_RE.fullmatch(name) or ".." in name:
+        raise ValueError(f"checkpoint name {name[:80]!r} refused: one path component of "
+                         f"letters, digits, '_', '-', '.' (no '..'), at most {MAX_NAME} "
+                         f"characters")
+    return name
+
+
+def _guest_id(text: str, what: str) -> int:
+    if not text.isascii() or not text.isdigit() or not 0 < int(text) < MAX_ID:
+        raise ValueError(f"checkpoint {what} {text[:40]!r} is not a number in 1..{MAX_ID - 1}")
+    return int(text)
+
+
 def parse_checkpoint_request(line: bytes) -> Checkpoint:
-    """Parse "checkpoint NAME PID TID [KEY=VALUE...]" (pure); ValueError when malformed."""
-    parts = line.decode("ascii", "replace").split()
+    """Parse "checkpoint NAME PID TID [KEY=VALUE...]" (pure); ValueError when malformed.
+
+    The line comes from the guest: hostile input. Only printable ASCII is taken; the
+    name must be safe as a file name, pid and tid in range, facts bounded.
+    """
+    if len(line) > MAX_LINE:
+        raise ValueError(f"checkpoint request of {len(line)} bytes refused (at most {MAX_LINE})")
+    try:
+        text = line.decode("ascii")
+    except UnicodeDecodeError:
+        raise ValueError(f"checkpoint request {line[:80]!r} is not ASCII") from None
+    text = text.rstrip("\r\n")
+    if not all(" " <= c <= "~" for c in text):
+        raise ValueError(f"checkpoint request {text[:80]!r} has control characters")
+    parts = text.split()
     if len(parts) < 4 or parts[0] != "checkpoint":
-        raise ValueError(f"malformed checkpoint request {line[:80]!r}")
+        raise ValueError(f"malformed checkpoint request {text[:80]!r}")
+    name = check_checkpoint_name(parts[1])
+    pid, tid = _guest_id(parts[2], "pid"), _guest_id(parts[3], "tid")
+    if len(parts) - 4 > MAX_FACTS:
+        raise ValueError(f"checkpoint {name}: {len(parts) - 4} facts refused "
+                         f"(at most {MAX_FACTS})")
     facts = {}
     for token in parts[4:]:
         key, eq, value = token.partition("=")
-        if not eq or not key:
-            raise ValueError(f"malformed checkpoint fact {token!r} (want KEY=VALUE)")
+        if not eq or not FACT_KEY_RE.fullmatch(key) or not FACT_VALUE_RE.fullmatch(value):
+            raise ValueError(f"malformed checkpoint fact {token[:80]!r} (want KEY=VALUE)")
         facts[key] = value
-    return Checkpoint(parts[1], int(parts[2]), int(parts[3]), facts)
+    return Checkpoint(name, pid, tid, facts)
 
 
 _live: set[Machine] = set()
 _live_lock = threading.Lock()
+_refuse_new = threading.Event()
 
 
 def _stop_all() -> None:
@@ -136,6 +246,18 @@ def _stop_all() -> None:
         machines = list(_live)
     for m in machines:
         m.stop()
+
+
+def stop_all_guests(*, refuse_new: bool = True) -> None:
+    """Stop every guest of this process (an interrupted run); with `refuse_new`, later
+    Machine.start() calls fail at once instead of booting."""
+    if refuse_new:
+        _refuse_new.set()
+    _stop_all()
+
+
+def allow_new_guests() -> None:
+    _refuse_new.clear()
 
 
 atexit.register(_stop_all)
@@ -159,6 +281,7 @@ class Machine:
         self._ram_fd: int | None = None
         self._panicked: str | None = None
         self._stopped = False
+        self._stop_lock = threading.RLock()
         self.kernel_info: KernelInfo | None = None
         self.timings: dict[str, float] = {}
         self.ready_line: str | None = None
@@ -166,6 +289,9 @@ class Machine:
         # an exception is reported to the guest ("err ...") and kept in checkpoint_errors.
         self.on_checkpoint: Callable[[Checkpoint], None] | None = None
         self.checkpoint_log: list[dict[str, Any]] = []
+        self._ckpt_errors = 0
+        self._commands = 0  # guest commands run; each one's output: command-N.stdout/.stderr
+        self._stuck: str | None = None  # the guest could not be resumed after a snapshot
         self._ckpt_thread: threading.Thread | None = None
 
     # ----- lifecycle -------------------------------------------------------------------------
@@ -187,6 +313,8 @@ class Machine:
 
     def start(self) -> None:
         t0 = time.monotonic()
+        if _refuse_new.is_set():
+            raise self._fail(TestbedError, "interrupted: no new guests are started")
         for name in self.cfg.serial_ports:
             if not _PORT_NAME.fullmatch(name) or len(name) > 64:
                 raise self._fail(TestbedError, f"serial port name {name!r} is not usable "
@@ -194,7 +322,23 @@ class Machine:
         self.kernel_info = inspect_kernel(self.cfg.kernel)
         if not self.cfg.initrd.is_file():
             raise self._fail(TestbedError, f"initrd {self.cfg.initrd} does not exist")
+        paths.make_private(self.run_dir)
         sweep_stale_ram_files()
+        try:
+            check_ram_room(self.cfg.mem_mib)
+        except TestbedError as exc:
+            raise self._fail(TestbedError, str(exc)) from None
+        # The RAM file: created and locked by us before QEMU opens it.
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            self._ram_fd = os.open(self.ram_path, flags, 0o600)
+        except OSError as exc:
+            raise self._fail(TestbedError, f"cannot create the guest RAM file {self.ram_path} "
+                             f"({exc.strerror}): set TESTBED_SHM_DIR to a writable tmpfs "
+                             "folder") from None
+        fcntl.flock(self._ram_fd, fcntl.LOCK_EX)
+        with _live_lock:
+            _live.add(self)
         overlay = []
         if self.cfg.ssh:
             self.keys = make_keys(self.run_dir / "ssh")
@@ -208,12 +352,7 @@ class Machine:
             mode = 0o755 if os.access(host_path, os.X_OK) else 0o644
             overlay.append(Entry.file(guest_path, data, mode))
         initrd = with_overlay(self.cfg.initrd, overlay, self.run_dir / "initrd.cpio")
-        # The RAM file: created and locked by us before QEMU opens it.
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        self._ram_fd = os.open(self.ram_path, flags, 0o600)
-        fcntl.flock(self._ram_fd, fcntl.LOCK_EX)
-        with _live_lock:
-            _live.add(self)
+        initrd.chmod(0o600)  # it holds the guest's SSH host key
         for attempt in range(3):
             self.ssh_port = free_port() if self.cfg.ssh else None
             if self._launch(initrd):
@@ -257,7 +396,10 @@ class Machine:
             ]
         if self.ssh_port is not None:
             args += [
-                "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
+                # restrict=on: the guest reaches nothing, neither the host's services nor
+                # the outside; only the SSH forward comes in
+                "-netdev",
+                f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
                 "-device", "virtio-net-pci,netdev=n0,romfile=",
             ]
         return args + c.extra_args
@@ -268,15 +410,23 @@ class Machine:
         ck_ours, ck_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         args = self.qemu_args(initrd, theirs.fileno(), ck_theirs.fileno())
         (self.run_dir / "qemu-cmdline.txt").write_text(" ".join(args) + "\n")
-        with open(self.qemu_log, "ab") as log:
+        fd = os.open(self.qemu_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        with open(fd, "ab") as log:
             self.proc = subprocess.Popen(
                 args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 pass_fds=[theirs.fileno(), ck_theirs.fileno()], start_new_session=True,
-                cwd=self.run_dir,
+                cwd=self.run_dir, umask=0o077,  # its sockets and logs: ours alone
                 preexec_fn=_set_pdeathsig,
             )
         theirs.close()
         ck_theirs.close()
+        with self._stop_lock:
+            if self._stopped:  # stop() came while we were starting: it must not be missed
+                ours.close()
+                ck_ours.close()
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self._teardown()
+                raise self._fail(TestbedError, "interrupted: the guest was stopped at start")
         self.qmp = QMP(f"testbed-{self.run_dir.name}")
         self.qmp.on_event(self._on_event)
         try:
@@ -308,27 +458,50 @@ class Machine:
 
     def _serve_checkpoints(self, sock: socket.socket) -> None:
         with sock, sock.makefile("rb") as reader:
-            for line in reader:
-                t0 = time.monotonic()
-                entry: dict[str, Any] = {"line": line.decode("ascii", "replace").strip()}
-                try:
-                    ck = parse_checkpoint_request(line)
-                    entry.update(name=ck.name, pid=ck.pid, tid=ck.tid)
-                    if self.on_checkpoint is not None:
-                        self.on_checkpoint(ck)
-                    reply = f"ok {ck.name}\n"
-                except Exception as exc:  # noqa: BLE001 - reported to the guest and the log
-                    msg = exc.one_line() if isinstance(exc, TestbedError) else repr(exc)
-                    entry["error"] = msg
-                    reply = "err " + " ".join(msg.split())[:400] + "\n"
-                entry["seconds"] = round(time.monotonic() - t0, 4)
-                self.checkpoint_log.append(entry)
-                with open(self.run_dir / "checkpoints.jsonl", "a") as log:
-                    log.write(json.dumps(entry) + "\n")
+            for line in bounded_lines(reader, MAX_LINE):
+                reply = self._serve_one(line)
                 try:
                     sock.sendall(reply.encode())
                 except OSError:
                     return
+
+    def _serve_one(self, line: bytes | None) -> str:
+        """Handle one request line (None: a line over MAX_LINE, dropped); the reply."""
+        t0 = time.monotonic()
+        entry: dict[str, Any] = {}
+        try:
+            if line is None:
+                raise ValueError(f"checkpoint request longer than {MAX_LINE} bytes refused")
+            entry["line"] = line[:LOGGED_LINE].decode("ascii", "replace").strip()
+            ck = parse_checkpoint_request(line)
+            entry.update(name=ck.name, pid=ck.pid, tid=ck.tid)
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(ck)
+            reply = f"ok {ck.name}\n"
+        except Exception as exc:  # noqa: BLE001 - reported to the guest and the log
+            msg = exc.one_line() if isinstance(exc, TestbedError) else str(exc) or repr(exc)
+            if isinstance(exc, GuestStuck):
+                self._stuck = msg
+            entry["error"] = msg
+            reply = "err " + " ".join(msg.split())[:400] + "\n"
+        entry["seconds"] = round(time.monotonic() - t0, 4)
+        self._log_checkpoint(entry)
+        return reply
+
+    def _log_checkpoint(self, entry: dict[str, Any]) -> None:
+        """checkpoints.jsonl and checkpoint_log, bounded: a guest that floods the channel
+        with bad requests gets MAX_LOGGED_ERRORS entries, then one saying how many more."""
+        if "error" in entry:
+            self._ckpt_errors += 1
+            if self._ckpt_errors > MAX_LOGGED_ERRORS:
+                if self._ckpt_errors == MAX_LOGGED_ERRORS + 1:
+                    entry = {"error": f"more than {MAX_LOGGED_ERRORS} refused checkpoint "
+                             "requests: the rest are not logged"}
+                else:
+                    return
+        self.checkpoint_log.append(entry)
+        with open(self.run_dir / "checkpoints.jsonl", "a") as log:
+            log.write(json.dumps(entry) + "\n")
 
     def _on_event(self, ev: dict[str, Any]) -> None:
         if ev.get("event") == "GUEST_PANICKED":
@@ -348,10 +521,15 @@ class Machine:
         if state.panic or self._panicked:
             why = state.panic or self._panicked
             raise self._fail(GuestPanic, f"guest kernel panic: {why}")
+        if self._stuck:
+            raise self._fail(GuestStuck, self._stuck)
         if self.proc is not None and self.proc.poll() is not None:
             code = self.proc.returncode
             last = console.tail(self.qemu_log.read_text(errors="replace"), 1)
             detail = f": {last}" if last else ""
+            if code == -signal.SIGBUS:
+                detail += (f" (SIGBUS: the guest RAM file {self.ram_path} could not grow; "
+                           f"is {SHM_DIR} full? {_free_mib(SHM_DIR)} MiB free)")
             raise self._fail(QemuCrash, f"QEMU exited unexpectedly with status {code}{detail}")
 
     def wait_ready(self, timeout: float | None = None) -> None:
@@ -394,11 +572,14 @@ class Machine:
         """Run a shell command in the guest over SSH."""
         if self._ssh is None:
             raise GuestError("the guest has no SSH channel (started with ssh=False?)")
+        self._commands += 1
+        base = self.run_dir / f"command-{self._commands}"
         try:
-            res = self._ssh.run(
-                command, timeout=timeout, stdout=stdout, stderr=stderr,
-                alive=self.check_alive, label=label,
-            )
+            with open(f"{base}.stdout", "wb") as out, open(f"{base}.stderr", "wb") as err:
+                res = self._ssh.run(
+                    command, timeout=timeout, stdout=stdout, stderr=stderr,
+                    alive=self.check_alive, label=label, stdout_file=out, stderr_file=err,
+                )
             if res.status < 0:  # the session ended without an exit status
                 deadline = time.monotonic() + 3
                 while time.monotonic() < deadline:
@@ -434,9 +615,14 @@ class Machine:
     # ----- teardown --------------------------------------------------------------------------
 
     def stop(self) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
+        """Stop QEMU and clean up; safe to call again, and from another thread (an
+        interrupted run stops the guests its workers are using)."""
+        with self._stop_lock:
+            self._stopped = True
+            self._teardown()
+
+    def _teardown(self) -> None:
+        """Undo whatever start() got to; idempotent."""
         if self._ssh is not None:
             self._ssh.close()
         if self.proc is not None and self.proc.poll() is None and self.qmp is not None:
@@ -456,11 +642,11 @@ class Machine:
                     pass
                 self.proc.wait(timeout=10)
             self.timings["qemu_exit_status"] = float(self.proc.returncode)
-        try:
-            self.ram_path.unlink()
-        except FileNotFoundError:
-            pass
-        if self._ram_fd is not None:
+        if self._ram_fd is not None:  # ours: created by start()
+            try:
+                self.ram_path.unlink()
+            except FileNotFoundError:
+                pass
             os.close(self._ram_fd)
             self._ram_fd = None
         try:

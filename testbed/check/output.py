@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 from testbed.check.model import Finding, Status
 
+MAX_VERDICTS = 2000  # verdict lines read from one workload's output
 LINE_RE = re.compile(r"^(?P<role>[\w-]+): (?P<verdict>ok|FAIL) (?P<name>[\w-]+): (?P<detail>.*)$")
 
 
@@ -24,6 +25,11 @@ def parse_workload_output(text: str, *, scenario: str, workload: str, status: in
         m = LINE_RE.match(line.strip())
         if not m or m["name"] == "checkpoint":
             continue
+        if len(out) == MAX_VERDICTS:  # the guest's output is hostile: bounded findings
+            out.append(Finding("workload", Status.ERROR, f"{workload} printed more than "
+                               f"{MAX_VERDICTS} verdict lines: the rest were not read",
+                               scenario, workload, source="guest"))
+            break
         check = checks.get(m["name"], "workload")
         out.append(Finding(
             check, Status.of(m["verdict"] == "ok"), f"{m['role']}: {m['name']}: {m['detail']}",

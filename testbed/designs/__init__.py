@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from testbed.check.model import CheckInfo, Finding
@@ -52,6 +53,9 @@ class Design:
     output_checks: Mapping[str, str]  # workload verdict-line name -> check
     judge_snapshots: Judge
     extra: dict[str, Any] = field(default_factory=dict)
+    # check_kernel(bzImage): TestbedError, before any guest boots, for a kernel the
+    # design's scenarios cannot run on (e.g. one without the feature at all)
+    check_kernel: Callable[[Path], None] | None = None
 
     def judge(self, snapshots: Sequence[Snapshot], scenario: Scenario,
               outputs: Sequence[tuple[str, str, int | None]] = ()) -> list[Finding]:

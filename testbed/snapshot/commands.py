@@ -43,12 +43,27 @@ def _offline(dump: Path, vmlinux: Path) -> Snapshot:
     from testbed.snapshot.kernel import KernelView
     from testbed.snapshot.physmem import ElfDumpMemory
     from testbed.snapshot.snapshot import assemble
+    from testbed.snapshot.vmcoreinfo import (
+        VmcoreinfoError,
+        check_build_id,
+        elf_build_id,
+        find_vmcoreinfo,
+    )
 
-    for path, what in ((dump, "dump"), (vmlinux, "vmlinux")):
+    for path, what, want in ((dump, "dump", "the ELF file dump-guest-memory wrote"),
+                             (vmlinux, "vmlinux", "the dumped kernel's vmlinux")):
+        if path.is_dir():
+            raise TestbedError(f"{what} {path} is a folder, not a file: pass {want}")
         if not path.is_file():
-            raise TestbedError(f"{what} {path} does not exist")
+            raise TestbedError(f"{what} {path} does not exist: pass {want}")
     with ElfDumpMemory(dump) as memory:
-        view = KernelView.attach(memory, vmlinux)
+        try:
+            info = find_vmcoreinfo(memory)
+        except VmcoreinfoError:
+            info = None  # KernelView.attach places the kernel without it, or says why not
+        if info is not None:
+            check_build_id(info, elf_build_id(vmlinux), f"dump {dump}", str(vmlinux))
+        view = KernelView.attach(memory, vmlinux, vmcoreinfo=info)
         snap = assemble(view, (), name=dump.stem)
     snap.source = {"dump": str(dump), "note": "no vCPU state: PKRU only as saved per thread"}
     return snap

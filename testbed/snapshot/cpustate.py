@@ -263,6 +263,37 @@ async def _wait_migration(
             raise TestbedError(f"snapshot migration still {state!r} after {timeout:g} s; cancelled")
 
 
+async def resume_after_migration(qmp: QMPClient, *, timeout: float = 10.0,
+                                 interval: float = 0.005) -> int:
+    """``cont`` a VM stopped for a snapshot migration, once QEMU lets us.
+
+    The MIGRATION ``completed`` event comes before QEMU leaves run state
+    ``finish-migrate``; a ``cont`` in between fails with "Migration is not
+    finalized yet" (seen after a few hundred snapshots in a loop). That
+    refusal is retried, every `interval` s, until `timeout`; any other
+    failure, or a guest still paused then, raises GuestStuck. Returns how many
+    times ``cont`` was refused.
+    """
+    from testbed.errors import GuestStuck
+
+    deadline = time.monotonic() + timeout
+    refused = 0
+    while True:
+        try:
+            await qmp.execute("cont")
+            return refused
+        except ExecuteError as e:
+            if "not finalized" not in str(e):
+                raise GuestStuck(f"cannot resume the guest after a snapshot: QMP cont "
+                                 f"failed: {e}") from e
+            last = str(e)
+            refused += 1
+        if time.monotonic() > deadline:
+            raise GuestStuck(f"the guest stays paused: cannot resume it after a snapshot "
+                             f"within {timeout:g} s (QMP cont: {last})")
+        await asyncio.sleep(interval)
+
+
 async def take_migration_stream(
     qmp: QMPClient,
     *,
@@ -356,12 +387,12 @@ async def take_migration_stream(
         stream = b"".join(chunks)
     except BaseException:
         if stopped:
-            await _qmp(qmp, "cont")
+            await resume_after_migration(qmp)
         raise
     finally:
         os.close(fd)
     if stopped and resume:
-        await _qmp(qmp, "cont")
+        await resume_after_migration(qmp)
         after = await _status(qmp)
     else:
         after = "postmigrate"  # what QEMU 7.2 reports after a completed migration

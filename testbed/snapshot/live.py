@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from testbed.boot.qmp import QMP
-from testbed.errors import TestbedError
 from testbed.snapshot.cpustate import CpuSnapshot, snapshot_cpus
 from testbed.snapshot.kernel import KernelView
 from testbed.snapshot.kernel_image import KernelImage
@@ -52,6 +51,7 @@ class LiveSnapshotter:
         t0 = time.perf_counter()
         cpu_snap = self.qmp.run(self._pause_and_read_cpus())
         was_running = cpu_snap.capture.status_before == "running"
+        refused = 0
         try:
             t_cpus = time.perf_counter()
             cpus = cpu_snap.vcpus
@@ -72,30 +72,47 @@ class LiveSnapshotter:
             t_attach = time.perf_counter()
             snap = assemble(view, cpus, name=name, trigger=trigger, **assemble_args)
         finally:
-            if was_running:
-                self._cont()
+            if was_running:  # whatever happened: a guest left paused would hang its run
+                refused = self._resume()
         t_end = time.perf_counter()
         snap.timing.update(
             cpus_ms=round((t_cpus - t0) * 1000, 2),
             migration_ms=round(cpu_snap.capture.seconds * 1000, 2),
             attach_ms=round((t_attach - t_cpus) * 1000, 2),
             paused_ms=round((t_end - cpu_snap.capture.stopped_at) * 1000, 2),
+            cont_refused=refused,  # "Migration is not finalized yet" before the resume
             total_ms=round((t_end - t0) * 1000, 2),
         )
         return snap
 
-    def _cont(self) -> None:
-        """Continue the guest. QEMU 7.2 refuses for a moment after the migration that read
-        the vCPUs reported completion ("Migration is not finalized yet"): retry briefly."""
-        deadline = time.monotonic() + 5
+    def _resume(self, patience: float = 10.0) -> int:
+        """`cont`, again while QEMU is still in finish-migrate; how often it was refused.
+
+        The MIGRATION "completed" event (or query-migrate) can come before
+        QEMU 7.2 has moved the run state from finish-migrate to postmigrate;
+        a `cont` in between fails with "Migration is not finalized yet" and
+        would leave the guest stopped for good (the workload then "did not
+        finish" after its whole timeout). Any other failure, or a refusal
+        lasting `patience` s, raises GuestStuck: the run fails at once
+        (Machine.check_alive) instead of timing out. The same for the async
+        path: testbed.snapshot.cpustate.resume_after_migration.
+        """
+        from testbed.errors import GuestError, GuestStuck
+
+        deadline = time.monotonic() + patience
+        refused = 0
         while True:
             try:
                 self.qmp.execute("cont")
-                return
-            except TestbedError as exc:
-                if "not finalized" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.002)
+                return refused
+            except GuestError as exc:
+                if "not finalized" not in str(exc):
+                    raise GuestStuck(f"cannot resume the guest after a snapshot: {exc}") from exc
+                if time.monotonic() > deadline:
+                    raise GuestStuck(f"the guest stays paused: cannot resume it after a "
+                                     f"snapshot within {patience:g} s ({exc})") from exc
+                refused += 1
+            time.sleep(0.005)
 
     async def _pause_and_read_cpus(self) -> CpuSnapshot:
         """Stop a running guest and read its vCPUs; leave it stopped for the memory reads."""
@@ -114,6 +131,10 @@ class LiveSnapshotter:
 
 
 def write_snapshot(snap: Snapshot, folder: Path, name: str) -> Path:
+    """folder/NAME.json; `name` (from the guest) must be a plain file name."""
+    from testbed.boot.machine import check_checkpoint_name
+
+    check_checkpoint_name(name)  # also checked where the request is parsed
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from testbed.errors import TestbedError
@@ -202,3 +203,39 @@ def find_banner(mem: _Memory, banner: bytes = b"Linux version ", *,
         if len(out) >= limit:
             break
     return out
+
+
+def elf_build_id(path: str | Path) -> str | None:
+    """The GNU build ID of an ELF file (hex, as VMCOREINFO's BUILD-ID); None without one
+    or when the file is no ELF (a bzImage)."""
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"\x7fELF":
+                return None
+            f.seek(0)
+            elf = ELFFile(f)
+            for sec in elf.iter_sections():
+                if sec.header["sh_type"] != "SHT_NOTE":
+                    continue
+                for note in sec.iter_notes():  # type: ignore[attr-defined]
+                    if note["n_type"] == "NT_GNU_BUILD_ID":
+                        return str(note["n_desc"]).lower()
+    except (ELFError, OSError, ValueError, KeyError):
+        return None
+    return None
+
+
+def check_build_id(info: VmcoreInfo, vmlinux_build_id: str | None, what: str, kernel: str
+                   ) -> None:
+    """A dump and the kernel given to read it must come from the same build (pure):
+    VmcoreinfoError naming both IDs otherwise. Nothing to compare is no error."""
+    dumped = (info.build_id or "").strip().lower()
+    if not dumped or not vmlinux_build_id:
+        return
+    if dumped != vmlinux_build_id.lower():
+        raise VmcoreinfoError(f"{what} is from another kernel build than {kernel}: BUILD-ID "
+                              f"{dumped} in the dump, {vmlinux_build_id} in the vmlinux; "
+                              "pass the vmlinux of the dumped kernel")

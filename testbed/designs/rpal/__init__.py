@@ -12,6 +12,7 @@ from typing import Any
 
 from testbed.designs import Design
 from testbed.designs.rpal.checks import CHECKS, judge
+from testbed.designs.rpal.kernel import requires
 from testbed.designs.rpal.output import OUTPUT_CHECKS
 from testbed.designs.rpal.scenarios import SCENARIOS
 
@@ -37,5 +38,6 @@ DESIGN = Design(
     bug_sysfs="/sys/module/rpal/parameters/bug",
     output_checks=OUTPUT_CHECKS,
     judge_snapshots=judge,
+    check_kernel=requires,
     extra={"scenario_runners": {"explore": _run_explore}},
 )
