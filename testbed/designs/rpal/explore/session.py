@@ -316,6 +316,11 @@ class Session:
             return
         m = self.model
         pids = {s.name: s.pid for s in m.live()}
+        # whose page tables the step changes: an access to a peer's page faults it in (or
+        # breaks its COW) in the peer's mm
+        region = m.regions.get(str(step.args.get("region", "")))
+        actor = region.owner if region is not None and step.op in ("read", "write", "spin") \
+            else step.svc
         facts_before = oracles.model_facts(m)
         # Predicted on the state before the step, with the time the answer came: an id
         # the kernel may free by then may be reused. Applied with the time it was sent:
@@ -357,7 +362,7 @@ class Session:
             findings += oracles.snapshot_findings(snap, m, index)
             if self.last_snap is not None:
                 findings += oracles.tlb_step_findings(self.last_snap, snap, facts_before, m,
-                                                      pred, pids, index, step.svc)
+                                                      pred, pids, index, actor)
             self.last_snap = snap
         if self.console is not None:
             findings += self.console.findings(index)
