@@ -116,7 +116,7 @@ class Expect:
     fault_check: str | None = None  # the check a wrong *fault* fails, if not `check`
     # the check a SIGSEGV death fails: an enabled service that dies on its own new memory
     # (a thread's stack, an mmap, brk) touched memory its PKRU denies: the memory does not
-    # carry its pkey (or, less likely, its PKRU is wrong; the name is a best guess)
+    # carry its pkey, or the thread's PKRU is wrong (the session's diagnosis tells which)
     died_check: str | None = None
 
     def check_for(self, a: AnswerLike) -> str:

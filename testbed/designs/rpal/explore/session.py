@@ -337,8 +337,11 @@ class Session:
         findings: list[Finding] = []
         verdict = pred.expect.judge(a)
         if verdict is False:
+            check = pred.expect.check_for(a)
+            if a.kind == "died" and check == "keys":
+                check = self._diagnose_death()
             findings.append(oracles.finding(
-                pred.expect.check_for(a), False,
+                check, False,
                 f"{step.text()} -> {a.text()}; the model expects {pred.expect.text()}"
                 + (f" ({pred.expect.why})" if pred.expect.why else ""),
                 index, step.svc, sent=rec.sent[-1], answer=a.text(),
@@ -375,6 +378,42 @@ class Session:
         if bad:
             rec.check = bad[0].check
             raise failure_type(bad[0].check)(index, step, bad)
+
+    def _diagnose_death(self) -> str:
+        """An enabled service died of SIGSEGV on its own new memory (a thread's stack, an
+        mmap): either that memory lacks its pkey (keys) or the thread's PKRU denies it
+        (pkru). A fresh enabled service tells which: its new page must be writable with
+        its PKRU; a pkey fault there means untagged memory."""
+        name = "diag"
+        try:
+            sp = self.agent.call("spawn", svc=name)
+            if sp.kind != "ok":
+                return "keys"
+            key, sid = sp.get_int("key"), sp.get_int("id")
+            if key is not None:
+                self.world.next_key = key + 1  # the diagnosis took a key and an id
+            if sid is not None:
+                delay = (self.choices.id_free_delay_ms or 0) - self.choices.id_delay_tolerance_ms
+                self.world.held[sid] = self.clock() + max(0, delay) / 1000
+            if self.agent.call("enable", svc=name, pkey=-1).kind != "ok":
+                return "keys"
+            a = self.agent.call("mmap", svc=name, len=PAGE, prot="rw")
+            addr = a.get_int("addr")
+            if a.kind != "ok" or addr is None:
+                return "keys"
+            t = self.agent.call("touch", svc=name, addr=addr, len=PAGE, value=1)
+            return "pkru" if t.kind == "ok" else "keys"
+        finally:
+            self.agent.call("kill", svc=name, sig=9)
+            self._wait_gone_name(name)
+
+    def _wait_gone_name(self, name: str) -> None:
+        deadline = self.clock() + 5
+        while self.clock() < deadline:
+            a = self.agent.call("list")
+            if a.kind != "ok" or name not in a.fields.get("svcs", "").split(","):
+                return
+            time.sleep(0.01)
 
     def _after(self, step: Step, pred: Prediction, rec: Record, index: int) -> list[Finding]:
         """What a step implies: stop a spinner it cut off; read back dead-key queues."""
