@@ -118,9 +118,18 @@ CHECKS: dict[str, CheckInfo] = {
 
 # the design-independent kernel_log check, with the reference kernel's bug named for it
 CHECKS[KERNEL_LOG.name] = replace(KERNEL_LOG, bugs=("warn_on_release",))
+# the explorer's judge of each operation's answer against the model of the spec
+CHECKS["result"] = CheckInfo(
+    "result", "Operation results",
+    "every operation returns what the spec says (value or errno; where the spec leaves it "
+    "open, the reference's choice in testbed/designs/rpal/explore/choices.py): a request "
+    "of a service that is not enabled, of a dead or unknown key, of one's own key is refused",
+    ("request_unenabled_peer", "request_dead_key"),
+)
 
-# the checks judged from snapshots (kernel_log reads the console, not a snapshot)
-HOST_CHECKS = tuple(n for n, c in CHECKS.items() if c.source == "host" and n != KERNEL_LOG.name)
+# the checks judged from snapshots (kernel_log reads the console, result the answers)
+HOST_CHECKS = tuple(n for n, c in CHECKS.items()
+                    if c.source == "host" and n not in (KERNEL_LOG.name, "result"))
 
 
 def expected_pkru(pkey: int) -> int:
