@@ -272,6 +272,7 @@ def _run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], run_dir:
     special = design.extra.get("scenario_runners", {}).get(sc.name)
     if special is not None:  # a scenario the design runs its own way (RPAL: explore)
         special(sc, spec, bugs, run_dir, result)
+        result.findings += kernel_log_findings(run_dir / "console.log", name)
         return
     machine: Machine | None = None
     try:

@@ -35,9 +35,9 @@ SCENARIOS: dict[str, Scenario] = {
                  ("slot_confinement", "slot_copies", "keys", "pkru", "claims", "exit", "ids",
                   "peer_limit"), design="rpal"),
         Scenario("explore", "random RPAL operation sequences, judged after every step "
-                 "(testbed explore, fixed seed, about a minute)", (),
-                 ("slot_confinement", "slot_copies", "keys", "pkru", "tlb_state", "claims",
-                  "faults", "exit", "ids"), design="rpal"),
+                 "(testbed explore, fixed seed, 30 s in each paging mode)", (),
+                 ("result", "slot_confinement", "slot_copies", "keys", "pkru", "tlb_state",
+                  "claims", "faults", "exit", "ids"), design="rpal"),
         Scenario("protection_keys", "the kernel's own protection_keys selftest", (),
                  ("selftest:protection_keys",), selftest="protection_keys", design="rpal"),
     )
