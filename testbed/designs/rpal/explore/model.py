@@ -106,6 +106,23 @@ def segv(code: int | None = None, pkey: int | None = None) -> Outcome:
     return Outcome("fault", f)
 
 
+def access_outcomes(r: Region, page: int, write: bool, pkru: int
+                    ) -> tuple[bool, tuple[Outcome, ...]]:
+    """Whether `pkru` lets the access through the region's key, and what it may return:
+    the page's value (or a plain ok for a write) when prot and key allow it, else the
+    faults they call for (a pkey error first)."""
+    allowed_prot = r.prot == "rw" or (r.prot == "r" and not write)
+    allowed_key = pkru_allows(pkru, r.pkey, write)
+    if allowed_prot and allowed_key:
+        return True, (ok(**({} if write else {"value": r.values[page]})),)
+    outs = []
+    if not allowed_key:
+        outs.append(segv(SEGV_PKUERR, r.pkey))
+    if not allowed_prot:
+        outs.append(segv(SEGV_ACCERR))
+    return allowed_key, tuple(outs)
+
+
 @dataclass(frozen=True)
 class Expect:
     """What the model allows for one step, and the check that a mismatch fails."""
@@ -490,18 +507,10 @@ class Model:
         pkru = 0 if mode == "open" else a.main_pkru
         if pkru is None:
             return Prediction(UNKNOWN)
-        allowed_prot = r.prot == "rw" or (r.prot == "r" and not write)
-        allowed_key = pkru_allows(pkru, r.pkey, write)
-        if allowed_prot and allowed_key:
-            return Prediction(Expect("keys", (ok(**({} if write else
-                                                    {"value": r.values[page]})),),
-                                     f"own page, pkey {r.pkey}"))
-        outs = []
-        if not allowed_key:
-            outs.append(segv(SEGV_PKUERR, r.pkey))
-        if not allowed_prot:
-            outs.append(segv(SEGV_ACCERR))
-        return Prediction(Expect("keys" if not allowed_key else "faults", tuple(outs),
+        allowed_key, outs = access_outcomes(r, page, write, pkru)
+        if outs[0].kind == "ok":
+            return Prediction(Expect("keys", outs, f"own page, pkey {r.pkey}"))
+        return Prediction(Expect("keys" if not allowed_key else "faults", outs,
                                  fault_check="faults"))
 
     def _peer_access(self, a: Service, r: Region, page: int, write: bool, mode: str
@@ -528,20 +537,12 @@ class Model:
         pkru = 0 if mode == "open" else a.main_pkru
         if pkru is None:
             return Prediction(UNKNOWN)
-        allowed_prot = r.prot == "rw" or (r.prot == "r" and not write)
-        allowed_key = pkru_allows(pkru, r.pkey, write)
-        if allowed_prot and allowed_key:
-            return Prediction(Expect("faults", (ok(**({} if write else
-                                                     {"value": r.values[page]})),),
-                                     f"served against {owner.name}'s mm"))
-        outs = []
-        if not allowed_key:
-            outs.append(segv(SEGV_PKUERR, r.pkey))
-        if not allowed_prot:
-            outs.append(segv(SEGV_ACCERR))
+        allowed_key, outs = access_outcomes(r, page, write, pkru)
+        if outs[0].kind == "ok":
+            return Prediction(Expect("faults", outs, f"served against {owner.name}'s mm"))
         # the access went through where the key denies it: isolation; it faulted, but not
         # with the peer's pkey error: the fault was not served against the peer's mm
-        return Prediction(Expect("isolation" if not allowed_key else "faults", tuple(outs),
+        return Prediction(Expect("isolation" if not allowed_key else "faults", outs,
                                  f"{a.name}'s PKRU denies {owner.name}'s pkey {r.pkey}"
                                  if not allowed_key else "not permitted by the peer's prot",
                                  fault_check="faults"))
