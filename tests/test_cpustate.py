@@ -161,7 +161,6 @@ def test_snapshot_of_running_vm_continues_it() -> None:
     assert snap.capture.status_before == "running" and snap.capture.status_after == "running"
     assert snap.capture.stream == STREAM
     assert snap.vcpu(1).pkru == 0x5A5A5A54 and snap.vcpu(0).pkru == 0
-    assert snap.capture.seconds <= snap.capture.total_seconds
 
 
 def test_snapshot_of_paused_vm_leaves_it_stopped() -> None:
