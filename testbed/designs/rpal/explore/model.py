@@ -393,13 +393,19 @@ class Model:
             return refusals
         return [min(refusals, key=lambda r: order.index(r) if r in order else len(order))]
 
-    def _p_request(self, step: Step, now: float) -> Prediction:
+    def _caller_and_target(self, step: Step) -> tuple[Service, int, Service | None] | None:
+        """REQUEST's and RELEASE's caller, the key it passes, and the live service of that
+        key (None: no such service); None when the key can't be resolved."""
         s = self.svc(step.svc)
         assert s is not None
         key = self.resolve_key(step.args, s)
-        if key is None:
+        return None if key is None else (s, key, self.by_key(key))
+
+    def _p_request(self, step: Step, now: float) -> Prediction:
+        got = self._caller_and_target(step)
+        if got is None:
             return Prediction(UNKNOWN)
-        t = self.by_key(key)
+        s, key, t = got
         refusals = []
         if not s.enabled:
             refusals.append("request_not_enabled")
@@ -430,12 +436,10 @@ class Model:
                                  "mutual: now mapped" if mapped else "recorded"))
 
     def _p_release(self, step: Step, now: float) -> Prediction:
-        s = self.svc(step.svc)
-        assert s is not None
-        key = self.resolve_key(step.args, s)
-        if key is None:
+        got = self._caller_and_target(step)
+        if got is None:
             return Prediction(UNKNOWN)
-        t = self.by_key(key)
+        s, _, t = got
         if t is None or t.name not in s.requests:
             return Prediction(Expect("result", (err(self.c.errno["release_not_requested"]),)))
         flush = {s.name, t.name} if self.paired(s.name, t.name) else set()
