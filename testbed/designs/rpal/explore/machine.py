@@ -23,7 +23,7 @@ from testbed.designs.rpal.explore.steps import Step
 NAMES = "abcdefghijklmnop"
 SWARM = ("spawn", "enable_default", "enable", "request_peer", "request", "release", "exit",
          "exec", "simple", "pkey_free", "mmap", "brk", "touch", "change", "access", "spin",
-         "cut_off", "crowd", "pair", "fill", "drain", "move_access", "cow")
+         "cut_off", "crowd", "pair", "fill", "drain", "move_access", "cow", "probe")
 VALUES = st.sampled_from([0x1111, 0x2222, 0xdead0001, 0xfeedface00000001])
 
 
@@ -106,10 +106,17 @@ def make_machine(session: Session, services: int) -> type[RuleBasedStateMachine]
 
         def cut_off(self, data: st.DataObject) -> None:
             """The owner of a spun region cuts the spinner off."""
-            how = data.draw(st.sampled_from(["munmap", "mprotect", "dontneed", "release",
-                                             "exit"]), label="how")
             owner, region = data.draw(st.sampled_from(self.spun()), label="spun")
-            if how == "munmap":
+            self._cut(data, owner, region)
+
+        def _cut(self, data: st.DataObject, owner: str, region: str) -> None:
+            how = data.draw(st.sampled_from(["munmap", "mprotect", "dontneed", "release",
+                                             "exit", "mremap", "fork"]), label="how")
+            if how == "mremap":
+                self.do("mremap", owner, region=region, how="move")
+            elif how == "fork":
+                self.do("fork", owner)
+            elif how == "munmap":
                 self.do("munmap", owner, region=region)
             elif how == "mprotect":
                 self.do("mprotect", owner, region=region, prot="none")
@@ -292,6 +299,27 @@ def make_machine(session: Session, services: int) -> type[RuleBasedStateMachine]
             """The owner of a page a peer keeps writing forks (COW write-protects it)."""
             self.do("fork", data.draw(st.sampled_from(self.writers()), label="svc"))
 
+        def probe(self, data: st.DataObject) -> None:
+            """A stale-TLB probe on a pair (a macro of plain steps): the owner maps and
+            fills a page, the peer reads or writes it on the other CPU, the owner cuts
+            it off one of the ways that must flush the peer."""
+            m = self.s.model
+            cands = sorted((o, p) for o in self.live() for p in m.peers(o)
+                           if m.svcs[p].spinner is None)
+            if not cands:
+                return
+            owner, peer = data.draw(st.sampled_from(cands), label="owner, peer")
+            region = m.next_region_name()
+            self.do("mmap", owner, pages=1, prot="rw", region=region)
+            self.do("touch", owner, region=region, value=data.draw(VALUES, label="value"))
+            if data.draw(st.sampled_from([False, False, True]), label="writer"):
+                self.do("spin", peer, region=region, page=0, mode="write",
+                        value=data.draw(VALUES, label="value"))
+            else:
+                self.do("spin", peer, region=region, page=0)
+            if region in m.regions and m.svcs[peer].spinner is not None:
+                self._cut(data, owner, region)
+
         def move_access(self, data: st.DataObject) -> None:
             """mremap a region to another place, then use a page of it (an untouched page
             faults in there: with the vma's pkey)."""
@@ -356,6 +384,7 @@ def make_machine(session: Session, services: int) -> type[RuleBasedStateMachine]
                 ("drain", 3, bool(self.queued())),
                 ("move_access", 2, regions),
                 ("cow", 4, bool(self.writers())),
+                ("probe", 3, bool(self.s.model.pairs())),
             ]
             return [(name, w * self.factor.get(name, 1)) for name, w, can in table
                     if can and self.factor.get(name, 1)]
