@@ -553,3 +553,35 @@ def _build_locked(base: BaseSource, ser: Series, fragments: list[kconfig.Fragmen
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return _from_dir(out_dir, cached=False, seconds=seconds)
+
+
+def kernel_facts(bzimage: Path) -> dict[str, str]:
+    """What a report says about the kernel under test: its path, the vmlinux beside it,
+    the cache key, series and base version when it is a cached build, and the release
+    read from the image itself (the bzImage's version string: never empty for a kernel
+    that has one)."""
+    from testbed.boot.kernelimage import inspect_kernel
+
+    path = Path(bzimage)
+    facts = {"path": str(path), "vmlinux": "", "key": "", "series": "", "base_version": "",
+             "osrelease": "", "version": ""}
+    vmlinux = path.with_name("vmlinux")
+    if vmlinux.is_file():
+        facts["vmlinux"] = str(vmlinux)
+    try:
+        info = inspect_kernel(path)
+        facts["osrelease"], facts["version"] = info.release, info.version
+    except Exception:  # a report of a run whose kernel is gone keeps the rest
+        pass
+    meta_file = path.with_name("meta.json")
+    if path.name == "bzImage" and meta_file.is_file():
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, ValueError):
+            meta = {}
+        facts["key"] = str(meta.get("key", ""))
+        facts["series"] = str(meta.get("series", {}).get("name", "") or "")
+        facts["base_version"] = str(meta.get("base_version", ""))
+        if not facts["osrelease"]:
+            facts["osrelease"] = str(meta.get("kernel_release", ""))
+    return facts
