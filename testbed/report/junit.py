@@ -7,7 +7,8 @@ A failing case has <failure message=... type=check> whose text is the message an
 an error finding, or a scenario that could not run (testcase "scenario"), has <error>; a case
 whose findings are all skips has <skipped message=...>. The suite's <system-out> names the
 scenario's evidence files (console log, snapshots, findings, reproduce.sh), then holds the
-console tail of a scenario that did not pass and the guest output. Counts: `skipped` on each <testsuite> (the Jenkins/Ant schema has none on
+console tail of a scenario that did not pass and the guest output. Counts: `skipped` on
+each <testsuite> (the Jenkins/Ant schema has none on
 <testsuites>).
 
 This is the one report not rendered with jinja2: XML needs attribute and text escaping (and
