@@ -33,6 +33,9 @@ def _registrars() -> list[Registrar]:
     from testbed import run_commands
 
     regs.append(run_commands.add_parsers)
+    from testbed.report import merge as report_merge
+
+    regs.append(report_merge.add_parser)
     from testbed.designs.rpal.explore import cli as explore_cli
 
     regs.append(explore_cli.add_parser)
