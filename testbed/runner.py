@@ -465,15 +465,22 @@ def run_all(jobs: Sequence[Job], spec: GuestSpec, parent: Path, parallel: int, *
     running: dict[int, float] = {}
     lock = threading.Lock()
 
-    def one(i: int) -> ScenarioResult:
+    stop = threading.Event()  # -x: set by the worker whose scenario did not pass
+
+    def one(i: int) -> ScenarioResult | None:
+        if stop.is_set():
+            return None  # not started: an earlier scenario failed under -x
         sc, bugs, mode = jobs[i]
         with lock:
             running[i] = time.monotonic()
         try:
-            return run_scenario(sc, spec, bugs, parent, mode)
+            r = run_scenario(sc, spec, bugs, parent, mode)
         finally:
             with lock:
                 running.pop(i, None)
+        if stop_on_failure and not r.passed:
+            stop.set()
+        return r
 
     finished = 0
     if progress is not None:
@@ -496,16 +503,18 @@ def run_all(jobs: Sequence[Job], spec: GuestSpec, parent: Path, parallel: int, *
                 if f.cancelled():
                     continue
                 r = f.result()
+                if r is None:
+                    continue
                 finished += 1
                 if on_result is not None:
                     on_result(r, finished, len(jobs))
                 if stop_on_failure and not r.passed:
                     pool.shutdown(wait=False, cancel_futures=True)
             pending = {f for f in pending if not f.cancelled()}
-        results = [f.result() for f in futures if not f.cancelled()]
+        results = [r for f in futures if not f.cancelled() and (r := f.result()) is not None]
     except Interrupted as sig:
-        ended = [f.result() for f in futures if f.done() and not f.cancelled()
-                 and f.exception() is None]
+        ended = [r for f in futures if f.done() and not f.cancelled()
+                 and f.exception() is None and (r := f.result()) is not None]
         _stop_workers(pool, futures)
         raise RunInterrupted(sig, ended, len(jobs)) from None
     pool.shutdown()
