@@ -128,6 +128,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     for kind, path, fn in (("json", args.json, write_json), ("junit", args.junit, write_junit),
                            ("html", args.html, write_html)):
         if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
             fn(results, path, meta)
             print(f"{kind}: {path}")
     return status
@@ -147,6 +148,7 @@ def _matrix(meta: RunMeta, results: list[ScenarioResult], out: Path | None) -> i
     text, doc = render_matrix(results, info, meta.checks, meta.seconds)
     sys.stdout.write(text)
     if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(doc, indent=1) + "\n")
         print(f"matrix json: {out}")
     return 0 if not doc["problems"] else 1
