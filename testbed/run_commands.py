@@ -115,7 +115,8 @@ def print_dry_run(jobs: Sequence[Job], spec: GuestSpec, notes: list[str], what: 
         how = (f"workloads: {'; '.join(sc.workloads)}" if sc.workloads else
                f"selftest {sc.selftest}" if sc.selftest else "run by the design itself")
         print(f"{i:3d}. {job_name(job)}: {sc.title}; {how}; checks: {', '.join(sc.checks)}")
-        print(f"     qemu: {shlex.join(dry_run_args(cfg, Path('RUN_DIR') / job_name(job).replace(' +', '-')))}")
+        run_dir = Path("RUN_DIR") / job_name(job).replace(" +", "-")
+        print(f"     qemu: {shlex.join(dry_run_args(cfg, run_dir))}")
 
 
 def run_modes(args: argparse.Namespace) -> tuple[Mode, ...]:
