@@ -134,6 +134,12 @@ def cmd_explore(args: argparse.Namespace) -> int:
     failure: driver.Failure | None = None
     session: Session | None = None
     t0 = time.monotonic()
+    from testbed.progress import Progress
+
+    prog = Progress("explore")  # without a TTY: a heartbeat line while it explores
+    prog.update(f"booting the guest, then seed {args.seed} for {args.time:g} s", force=True)
+    prog.detail_fn = lambda: (f"{session.steps_done} steps judged" if session is not None
+                              else "booting the guest")
     try:
         with explore_guest(spec, bugs, run_dir, choices) as rig:
             timings["boot"] = round(time.monotonic() - t0, 2)
@@ -159,6 +165,8 @@ def cmd_explore(args: argparse.Namespace) -> int:
         last = str(exc).strip().splitlines()[-1]
         raise TestbedError(f"explore: internal error of the explorer ({last}); traceback in "
                            f"{run_dir / 'explorer-error.txt'}", run_dir=run_dir) from None
+    finally:
+        prog.close()
     timings["explore"] = round(time.monotonic() - t0, 2)
     assert res is not None
     findings: list[Finding] = []
