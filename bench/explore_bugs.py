@@ -46,7 +46,7 @@ class Row:
     def verdict(self) -> str:
         if self.bug == "none":
             return "pass" if self.exit == 0 else "FALSE ALARM" if self.exit == 1 else "error"
-        if self.exit == 1:
+        if self.exit == 1 and self.check:
             return "caught" if self.named else "caught (other check)"
         return "missed" if self.exit == 0 else "error"
 

@@ -189,10 +189,14 @@ static int guarded(volatile uint64_t *p, int write, uint64_t v0, uint64_t *out,
 static int guarded_fill(volatile uint64_t *p, uint64_t n, uint64_t v, struct fault *f)
 {
 	volatile uint64_t i;
+	volatile uint32_t saved = pk_read();
 
 	memset(&g_fault, 0, sizeof(g_fault));
 	if (sigsetjmp(g_env, 1)) {
 		timer_ms(0);
+		/* siglongjmp skips sigreturn: the handler's PKRU (the signal-delivery
+		 * default) would stay; put the thread's own back */
+		pk_write(saved);
 		*f = g_fault;
 		return -1;
 	}

@@ -37,6 +37,7 @@ def make_machine(session: Session, services: int) -> type[RuleBasedStateMachine]
             session.reset()
             self.s = session
             self.factor: dict[str, int] = {}
+            self.readback = True
 
         # ----- helpers --------------------------------------------------------------------
         def do(self, op: str, svc: str, **args: Any) -> None:
@@ -160,7 +161,7 @@ def make_machine(session: Session, services: int) -> type[RuleBasedStateMachine]
         def exit(self, data: st.DataObject) -> None:
             n = self.pick_live(data)
             assert n
-            if data.draw(st.sampled_from([True, True, False]), label="read back"):
+            if self.readback:
                 self.do("exit", n)
             else:  # leave the dead keys queued: a later read() sees several
                 self.do("exit", n, readback=0)
@@ -363,6 +364,9 @@ def make_machine(session: Session, services: int) -> type[RuleBasedStateMachine]
         def swarm(self, data: st.DataObject) -> None:
             """Swarm testing: each sequence favours some operations and leaves others out,
             which reaches deep states of a few kinds far more often than uniform choice."""
+            # in one sequence of three, dead keys are left queued (exit without reading
+            # them back): several pile up for a later read() with a small count
+            self.readback = data.draw(st.sampled_from([True, True, False]), label="read back")
             for op in SWARM:
                 core = op in ("spawn", "enable_default", "request_peer")
                 self.factor[op] = data.draw(st.sampled_from(

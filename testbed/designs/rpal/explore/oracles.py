@@ -137,7 +137,7 @@ def tlb_step_findings(before: Snapshot, after: Snapshot, model_before: Facts,
     both = frozenset(p for p in model_before.pairs if p in after_facts.pairs and actor in p)
     if both:
         facts = Facts({r: after_facts.services[r] for p in both for r in p}, both)
-        out += check_tlb_propagation(before, after, facts, ctx)
+        out += check_tlb_propagation(before, after, facts, ctx, owners=frozenset({actor}))
     for name in sorted(pred.flush):
         pid = pids.get(name)
         if pid is None:

@@ -362,6 +362,10 @@ class Session:
             self._call(rec, "spinstop", svc=step.svc)
             a = self._call(rec, step.op, **args)
         rec.answer = a.text() if rec.step == step else f"{step.text()} -> {a.text()}"
+        if a.kind == "err" and verdict_allows(pred, a):
+            # a refusal the model allows changed nothing: no flush, no cut-off to judge
+            # (an exec refused for want of an id, say)
+            pred.flush, pred.cutoff = set(), []
         if a.kind == "bad":
             raise AgentBroken(f"the agent refused {rec.sent[-1]!r}: {a.text()}")
         findings: list[Finding] = []
@@ -527,7 +531,8 @@ class Session:
         owner = self.model.svc(r.owner) if r is not None else None
         if r is None or owner is None or not owner.children:
             return []
-        child, addr = owner.children[-1], r.addr + x.spinner[1] * PAGE
+        page = x.spinner[1]
+        child, addr = owner.children[-1], r.addr + page * PAGE
         self._call(rec, "arm", svc=name)
         values = []
         for _ in range(COW_READS):
@@ -540,7 +545,7 @@ class Session:
         frozen = len(set(values)) == 1
         return [oracles.finding(
             "tlb_shootdown", frozen,
-            f"{owner.name}'s fork child read {r.name} page {x.spinner[1]} {COW_READS} times "
+            f"{owner.name}'s fork child read {r.name} page {page} {COW_READS} times "
             f"while {name} kept writing it ({writes} writes after the fork): "
             + ("unchanged" if frozen else f"it changed: {', '.join(map(str, values))} (the "
                "peer wrote through a stale writable translation into the page the child "
@@ -567,6 +572,10 @@ def _rank(f: Finding) -> float:
         if f.check in ("faults", "isolation"):
             return 1.5  # an access: what the page tables show explains it better
     return _RANK.get(f.check, 5)
+
+
+def verdict_allows(pred: Prediction, a: AnswerLike) -> bool:
+    return pred.expect.judge(a) is True
 
 
 def _fmt(key: str, v: Any) -> str:
