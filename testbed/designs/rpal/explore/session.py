@@ -399,7 +399,7 @@ class Session:
             findings += oracles.snapshot_findings(snap, m, index)
             if self.last_snap is not None:
                 findings += oracles.tlb_step_findings(self.last_snap, snap, facts_before, m,
-                                                      pred, pids, index, actor)
+                                                      pred, pids, index, actor, step.svc)
             self.last_snap = snap
         if self.console is not None:
             findings += self.console.findings(index)
