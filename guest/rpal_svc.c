@@ -1105,6 +1105,12 @@ static void handle(const struct ap_cmd *c, struct ap_ans *a)
 		sigset_t old;
 		int i;
 
+		if (spin.running && __atomic_load_n(&spin.done, __ATOMIC_ACQUIRE)) {
+			/* the last spinner ended by itself (it faulted when its page went away:
+			 * the owner's exit, munmap...): join it; the host already counts it gone */
+			pthread_join(spin.th, NULL);
+			spin.running = 0;
+		}
 		if (spin.running) {
 			ap_bad(a, seq, "busy");
 			return;
