@@ -417,3 +417,36 @@ def test_fork_cuts_off_a_peer_writing_the_owner_page() -> None:
     assert g.expect("mprotect", "a", region="r1", prot="r").cutoff == [("b", "gone")]
     assert g.expect("madvise", "a", region="r1", advice="dontneed").cutoff == [], \
         "a writer shows nothing about DONTNEED"
+
+
+def test_a_write_spinner_stopped_by_dontneed_leaves_an_unknown_value() -> None:
+    """Seen as a false alarm: a writer on the owner's page, the owner's DONTNEED (no
+    cut-off for a writer: the spinner is stopped), then a read: the page holds what the
+    writer wrote after the zap, not zero."""
+    g = Guest()
+    for i, n in enumerate("ab"):
+        g.spawn(n, i, i + 1)
+        g.enable(n, i)
+    g.pair("a", "b")
+    g.do("mmap", "a", ans(addr=(1 << 39) + 0x1000), pages=1, prot="rw", region="r1")
+    g.do("spin", "b", ans(tid=77, first=0x2222), region="r1", page=0, mode="write",
+         value=0x2222)
+    g.do("madvise", "a", ans(), region="r1", advice="dontneed")
+    assert g.m.svcs["b"].spinner is None
+    assert g.expect("read", "a", region="r1", page=0).expect.judge(ans(value=0x4B351))
+
+
+def test_an_unmapped_region_may_be_a_thread_stack_later() -> None:
+    """Seen as a false alarm: the owner unmapped a region, then started a thread (a
+    spinner's stack took the hole): a peer's read there is not judged any more."""
+    g = Guest()
+    for i, n in enumerate("ab"):
+        g.spawn(n, i, i + 1)
+        g.enable(n, i)
+    g.pair("a", "b")
+    g.do("mmap", "a", ans(addr=(1 << 39) + 0x1000), pages=1, prot="rw", region="r1")
+    g.do("munmap", "a", ans(), region="r1")
+    assert g.expect("read", "b", region="r1", page=0).expect.outcomes is not None, \
+        "right after the munmap a peer's read must fault"
+    g.do("thread", "a", ans(tid=300))
+    assert g.expect("read", "b", region="r1", page=0).expect.outcomes is None

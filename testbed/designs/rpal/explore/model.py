@@ -189,6 +189,9 @@ class Region:
     pkey: int
     values: list[int | None]  # None: unknown (a peer's write spinner keeps changing it)
     alive: bool = True
+    # the owner's internal_maps when the region went: a later thread stack (or any
+    # mapping the model does not name) may take the same addresses
+    maps_at_death: int = 0
 
     @property
     def end(self) -> int:
@@ -216,6 +219,7 @@ class Service:
     children: list[int] = field(default_factory=list)
     spinner: tuple[str, int, int] | None = None  # (region, page, tid) while one runs
     spin_write: bool = False  # the spinner writes (else it reads)
+    internal_maps: int = 0  # mappings the model does not name (thread stacks) so far
     died_at: float | None = None
 
     @property
@@ -561,8 +565,9 @@ class Model:
             return Prediction(Expect("faults", (segv(self.c.unmapped_slot_code),),
                                      f"{owner.name}'s slot is not mapped for {a.name}"))
         if not r.alive:
-            if any(o.overlaps(r.addr, r.end) for o in self.live_regions(owner.name)):
-                return Prediction(UNKNOWN)
+            if any(o.overlaps(r.addr, r.end) for o in self.live_regions(owner.name)) \
+                    or owner.internal_maps > r.maps_at_death:
+                return Prediction(UNKNOWN)  # something else may live there now
             return Prediction(Expect("faults", (segv(),), "the peer unmapped that region"))
         pkru = 0 if mode == "open" else a.main_pkru
         if pkru is None:
@@ -841,6 +846,7 @@ class Model:
         tid = a.get_int("tid")
         if s is not None and a.kind == "ok" and tid is not None:
             s.threads[tid] = s.main_pkru  # a new thread inherits its creator's PKRU
+            s.internal_maps += 1  # its stack
 
     def _a_pkey_alloc(self, step: Step, a: AnswerLike, now: float) -> None:
         s = self.svc(step.svc)
@@ -875,6 +881,7 @@ class Model:
         for o in self.live_regions(s.name):  # a fixed mapping would replace old ones
             if o.overlaps(r.addr, r.end):
                 o.alive = False
+                o.maps_at_death = s.internal_maps
         self.regions[name] = r
         return r
 
@@ -915,9 +922,11 @@ class Model:
         r = self._own_region(step)
         if r is not None and a.kind == "ok":
             r.alive = False
+            r.maps_at_death = self.svcs[r.owner].internal_maps
             self._stop_spinners_on(r)
 
     def _stop_spinners_on(self, r: Region, writers_only: bool = False) -> None:
+        self._unknown_spun(r)  # what a writer wrote last, until it is stopped
         for s in self.live():
             if s.spinner is not None and s.spinner[0] == r.name \
                     and (s.spin_write or not writers_only):
@@ -1014,6 +1023,7 @@ class Model:
             s.spinner = (str(step.args["region"]), int(step.args.get("page", 0)), tid)
             s.spin_write = step.args.get("mode") == "write"
             s.threads[tid] = 0  # it WRPKRUs the open PKRU once
+            s.internal_maps += 1  # its stack
             r = self._region(step)
             if r is not None:
                 self._unknown_spun(r)
@@ -1021,6 +1031,9 @@ class Model:
     def spinner_done(self, name: str) -> None:
         s = self.svc(name)
         if s is not None and s.spinner is not None:
+            r = self.regions.get(s.spinner[0])
+            if r is not None:
+                self._unknown_spun(r)
             s.threads.pop(s.spinner[2], None)
             s.spinner = None
 
