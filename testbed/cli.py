@@ -32,6 +32,9 @@ def _registrars() -> list[Registrar]:
     from testbed import run_commands
 
     regs.append(run_commands.add_parsers)
+    from testbed.report import cli as report_cli
+
+    regs.append(report_cli.add_parser)
     from testbed.designs.rpal.explore import cli as explore_cli
 
     regs.append(explore_cli.add_parser)
@@ -50,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from testbed.report.cli import route
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(route(sys.argv[1:] if argv is None else argv))
     try:
         return int(args.func(args) or 0)
     except TestbedError as exc:

@@ -32,6 +32,7 @@ from testbed.runner import (
     parse_modes,
     run_all,
 )
+from testbed.snapshot.memdump import DEFAULT_MAX_MIB, DumpPolicy
 
 
 def _design(args: argparse.Namespace) -> Design:
@@ -65,8 +66,14 @@ def guest_spec(args: argparse.Namespace) -> tuple[GuestSpec, dict[str, float]]:
     accel = resolve_accel(args.accel, modes[0].paging, kernel, image.path)
     print(f"testbed: {accel.describe()}", file=sys.stderr)
     spec = GuestSpec(kernel=kernel, initrd=image.path, accel=accel, paging=modes[0].paging,
-                     pti=modes[0].pti, append=args.append)
+                     pti=modes[0].pti, append=args.append, dump=dump_policy(args))
     return spec, timings
+
+
+def dump_policy(args: argparse.Namespace) -> DumpPolicy:
+    """--no-dump / --dump-max-mib (commands without them take no dumps)."""
+    return DumpPolicy(enabled=not getattr(args, "no_dump", True),
+                      max_mib=getattr(args, "dump_max_mib", DEFAULT_MAX_MIB))
 
 
 def run_modes(args: argparse.Namespace) -> tuple[Mode, ...]:
@@ -89,6 +96,8 @@ def check_usage(args: argparse.Namespace) -> None:
         raise UsageError(f"--repeat {args.repeat}: must be 1 or more")
     if args.parallel < 1:
         raise UsageError(f"--parallel {args.parallel}: must be 1 or more")
+    if getattr(args, "dump_max_mib", 1) < 1:
+        raise UsageError(f"--dump-max-mib {args.dump_max_mib}: must be 1 or more")
 
 
 def _meta(spec: GuestSpec, bugs: tuple[str, ...], started: float, timings: dict[str, float],
@@ -313,6 +322,14 @@ def add_parsers(sub: Any) -> None:
     _common(p)
     p.add_argument("--junit", type=Path, metavar="FILE", help="JUnit XML report")
     p.add_argument("--html", type=Path, metavar="FILE", help="HTML report with the slot picture")
+    p.add_argument("--no-dump", action="store_true",
+                   help="keep no memory dump: by default, when a host check fails at a "
+                        "checkpoint, the guest's memory at that moment is kept in the "
+                        "scenario's run folder (memory-CHECKPOINT.elf, dump.json; open it "
+                        "with `testbed inspect --dump RUN_DIR`)")
+    p.add_argument("--dump-max-mib", type=int, default=DEFAULT_MAX_MIB, metavar="MIB",
+                   help=f"no dump of a guest with more RAM than this (default "
+                        f"{DEFAULT_MAX_MIB}; a dump is as large as the guest's RAM)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
