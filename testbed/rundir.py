@@ -131,6 +131,20 @@ def snapshot_file(name: str, taken: Iterable[str]) -> str:
     return rel
 
 
+def save_snapshot(snap: Any, run_dir: Path, taken: Sequence[str]) -> str:
+    """Write a checkpoint's snapshot into the run folder (snapshot_file); its file name."""
+    from testbed.boot.machine import check_checkpoint_name
+
+    check_checkpoint_name(snap.name)  # from the guest: also checked where it is parsed
+    rel = snapshot_file(snap.name, taken)
+    path = run_dir / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(snap.dumps() + "\n")
+    tmp.replace(path)
+    return rel
+
+
 def kernel_log_findings(console_log: Path, scenario: str) -> list[Finding]:
     """The kernel_log check over a guest's console log (an error when it can't be read).
 

@@ -28,9 +28,9 @@ from testbed.rundir import (
     ScenarioRecord,
     judge_scenario,
     kernel_log_findings,
-    snapshot_file,
+    save_snapshot,
 )
-from testbed.snapshot.live import LiveSnapshotter, write_snapshot
+from testbed.snapshot.live import LiveSnapshotter
 from testbed.snapshot.memdump import DumpPolicy, FailureDump
 from testbed.snapshot.model import Snapshot, Trigger
 
@@ -349,9 +349,7 @@ def _run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], run_dir:
                 hook = _dump_hook(dumper, design, snapshots, named, record)
                 snap = snapper.capture(ck.name, Trigger(ck.name, ck.pid, ck.tid, dict(ck.facts)),
                                        while_paused=hook)
-                rel = snapshot_file(ck.name, record.snapshots)
-                write_snapshot(snap, run_dir / "snapshots", Path(rel).stem)
-                record.snapshots.append(rel)
+                record.snapshots.append(save_snapshot(snap, run_dir, record.snapshots))
                 snapshots.append(snap)
 
             m.on_checkpoint = on_checkpoint
