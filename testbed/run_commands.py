@@ -11,7 +11,7 @@ from typing import Any
 
 from testbed import paths
 from testbed.boot.commands import terminate_on_signals
-from testbed.boot.kernelimage import inspect_kernel, resolve_kernel
+from testbed.boot.kernelimage import inspect_kernel
 from testbed.boot.machine import resolve_accel
 from testbed.build.initramfs import ImageSpec, build_image
 from testbed.check.kernel_log import CHECK as KERNEL_LOG
@@ -20,6 +20,7 @@ from testbed.designs import DEFAULT_DESIGN, Design, get_design
 from testbed.errors import EXIT_TESTBED_ERROR, UsageError
 from testbed.progress import Progress
 from testbed.report.common import RunMeta
+from testbed.reproduce import resolve_kernel_spec
 from testbed.runner import (
     DEFAULT_MODES,
     MODES,
@@ -49,7 +50,7 @@ def guest_spec(args: argparse.Namespace) -> tuple[GuestSpec, dict[str, float]]:
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     if args.kernel is not None:
-        kernel = resolve_kernel(args.kernel)
+        kernel = resolve_kernel_spec(args.kernel, getattr(args, "kernel_series", None))
     else:
         from testbed.build.kernel import build_kernel
 
@@ -300,6 +301,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help=f"bzImage with vmlinux or System.map beside it, or a cached build's "
                         f"key (default: the "
                         f"{design.kernel_series} reference kernel, built or from the cache)")
+    p.add_argument("--kernel-series", metavar="NAME",
+                   help="with --kernel KEY: build this series when the cache lacks KEY "
+                        "(how reproduce.sh names its kernel)")
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
     p.add_argument("--modes", metavar="M,M",
                    help=f"paging modes to run the scenarios in, of {', '.join(MODES)} "

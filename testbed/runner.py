@@ -24,6 +24,7 @@ from testbed.boot.machine import Checkpoint, Machine, MachineConfig, stop_all_gu
 from testbed.check.model import ScenarioResult, Status, missing_checks
 from testbed.designs import Design, Scenario, get_design
 from testbed.errors import Interrupted, TestbedError, UsageError
+from testbed.reproduce import PRELUDE, PROGRAM, exec_line, kernel_args
 from testbed.rundir import (
     ScenarioRecord,
     judge_scenario,
@@ -176,9 +177,9 @@ def bugs_in_effect(m: Machine, design: Design) -> tuple[str, ...]:
 
 
 def _testbed_program() -> str:
-    """How to call this testbed again: the console script beside this Python, else `testbed`."""
-    script = Path(sys.executable).with_name("testbed")
-    return str(script) if script.exists() else "testbed"
+    """How a reproducer calls the testbed: `testbed`, as PRELUDE resolves it ($TESTBED, PATH
+    or python3 -m testbed); never this machine's path (testbed/reproduce.py)."""
+    return PROGRAM
 
 
 def reproduce_commands(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...]
@@ -190,7 +191,7 @@ def reproduce_commands(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...]
     `testbed boot` of the same guest, to run the workloads by hand.
     """
     prog = _testbed_program()
-    guest = ["--kernel", str(spec.kernel), "--accel", spec.accel.accel,
+    guest = [*kernel_args(spec.kernel), "--accel", spec.accel.accel,
              "--paging", str(spec.paging), "--pti", spec.pti]
     run = [prog, "run", sc.name.split("@")[0], *guest]
     for b in bugs:
@@ -217,14 +218,17 @@ def write_reproducer(run_dir: Path, sc: Scenario, spec: GuestSpec, bugs: tuple[s
     by_hand = (f"then, in the guest: {'; '.join(sc.workloads)}" if sc.workloads
                else f"then: {_testbed_program()} selftest {sc.selftest} with the same options")
     comment = [
-        f"Scenario {sc.name} (bugs: {', '.join(bugs) or 'none'}) as testbed ran it into",
-        f"{run_dir}.",
-        "Runs it again with its checks and reports. To work in the same guest by hand:",
+        f"Scenario {sc.name} (bugs: {', '.join(bugs) or 'none'}) as testbed ran it (its run "
+        "folder: where this script is).",
+        "Runs it again with its checks and reports. A kernel named by cache key is rebuilt "
+        "from its series when this machine's cache lacks it. The testbed: $TESTBED, else "
+        "`testbed` on PATH, else `python3 -m testbed` (from the project's checkout).",
+        "To work in the same guest by hand:",
         f"  {shlex.join(boot)}",
         f"  {by_hand}",
     ]
-    text = "\n".join(["#!/bin/sh", *_comment_lines(comment),
-                      f"exec {shlex.join(run)} \"$@\"", ""])
+    text = "\n".join(["#!/bin/sh", *_comment_lines(comment), *PRELUDE,
+                      exec_line(run[1:]), ""])
     path = run_dir / "reproduce.sh"
     path.write_text(text)
     path.chmod(0o755)

@@ -11,17 +11,20 @@ from pathlib import Path
 from typing import Any
 
 from testbed import paths
-from testbed.boot.kernelimage import default_kernel, inspect_kernel, resolve_kernel
+from testbed.boot.kernelimage import default_kernel, inspect_kernel
 from testbed.boot.machine import Machine, MachineConfig, resolve_accel
 from testbed.build.initramfs import ImageSpec, build_image
 from testbed.errors import Interrupted, TestbedError
 from testbed.progress import Progress
+from testbed.reproduce import resolve_kernel_spec
 
 
 def add_machine_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("guest")
     g.add_argument("--kernel", type=Path, help="bzImage, or the key of a cached kernel build "
                    "(default: Debian's kernel in /boot)")
+    g.add_argument("--kernel-series", metavar="NAME",
+                   help="with --kernel KEY: build this series when the cache lacks KEY")
     g.add_argument("--initrd", type=Path, help="initramfs to boot instead of the built one")
     g.add_argument("--smp", type=int, default=2, help="number of vCPUs (default 2)")
     g.add_argument("--mem", type=int, default=512, metavar="MiB", help="guest RAM (default 512)")
@@ -58,7 +61,8 @@ def machine_from_args(args: argparse.Namespace, kind: str) -> Machine:
 
 
 def _machine(args: argparse.Namespace, run_dir: Path) -> Machine:
-    kernel = resolve_kernel(args.kernel) if args.kernel else default_kernel()
+    kernel = (resolve_kernel_spec(args.kernel, args.kernel_series) if args.kernel
+              else default_kernel())
     info = inspect_kernel(kernel)
     if args.smp < 1 or args.mem < 64:
         raise TestbedError("--smp must be at least 1 and --mem at least 64 MiB")

@@ -51,6 +51,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--kernel", type=Path,
                    help="bzImage with vmlinux or System.map beside it, or a cached build's key "
                         "(default: the rpal-ref reference kernel, built or from the cache)")
+    p.add_argument("--kernel-series", metavar="NAME",
+                   help="with --kernel KEY: build this series when the cache lacks KEY")
     p.add_argument("--bug", action="append", choices=BUGS, metavar="NAME",
                    help=f"boot with this injected bug (repeatable): {', '.join(BUGS)}")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="hypothesis seed (default 1)")
@@ -78,9 +80,10 @@ def add_parser(sub: Any) -> None:
 
 
 def _replay_cmd(args: argparse.Namespace, kernel: Path) -> list[str]:
+    from testbed.reproduce import kernel_args
     from testbed.runner import _testbed_program
 
-    cmd = [_testbed_program(), "explore", "--kernel", str(kernel), "--accel", args.accel,
+    cmd = [_testbed_program(), "explore", *kernel_args(kernel), "--accel", args.accel,
            "--paging", str(args.paging), "--pti", args.pti]
     for b in args.bug or ():
         cmd += ["--bug", b]

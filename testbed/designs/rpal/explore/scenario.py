@@ -13,6 +13,7 @@ from testbed.designs.rpal.explore.choices import REFERENCE_CHOICES
 from testbed.designs.rpal.explore.guest import explore_guest
 from testbed.designs.rpal.explore.session import AgentBroken, Session
 from testbed.errors import TestbedError
+from testbed.reproduce import kernel_args
 from testbed.runner import GuestSpec, _testbed_program
 
 SEED = 1
@@ -51,7 +52,7 @@ def _run(seconds: float, declared: tuple[str, ...], spec: GuestSpec, bugs: tuple
                 result.scenario))
     else:
         f = res.failure
-        cmd = [_testbed_program(), "explore", "--kernel", str(spec.kernel), "--accel",
+        cmd = [_testbed_program(), "explore", *kernel_args(spec.kernel), "--accel",
                spec.accel.accel, "--paging", str(spec.paging), "--pti", spec.pti]
         for b in bugs:
             cmd += ["--bug", b]
