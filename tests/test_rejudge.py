@@ -214,3 +214,27 @@ def test_route() -> None:
     assert route(["report", "-h"]) == ["report", "-h"]
     assert route(["run", "report"]) == ["run", "report"]
     assert route(["report"]) == ["report"]
+
+
+def test_scenarios_judged_live_keep_their_findings(tmp_path: Path) -> None:
+    """explore (a design's own runner) and the selftest: findings carried over, kernel_log
+    judged again from the console, and the report says so."""
+    from testbed.check.model import Finding
+
+    run_dir = tmp_path / "explore-l5"
+    run_dir.mkdir()
+    ScenarioRecord("explore@l5", "explore", "rpal", (), mode="l5", kind="special").write(run_dir)
+    old = [Finding("slot_copies", Status.FAIL, "a's copy points at its own table", "explore@l5"),
+           Finding("kernel_log", Status.PASS, "no alarm", "explore@l5")]
+    (run_dir / "findings.json").write_text(json.dumps([f.to_dict() for f in old]))
+    (run_dir / "console.log").write_text("BUG: Bad page map in process x\n")
+    j = rejudge_scenario(run_dir)
+    assert "carried over" in j.how
+    assert {(f.check, f.status) for f in j.result.findings} >= {
+        ("slot_copies", Status.FAIL), ("kernel_log", Status.FAIL)}
+    assert any(c.startswith("kernel_log") and c.endswith("-> fail") for c in j.changes)
+    assert not any(c.startswith("slot_copies") for c in j.changes)
+    (run_dir / "findings.json").unlink()
+    j = rejudge_scenario(run_dir)
+    assert not j.result.passed and any(f.check == "scenario" and f.error
+                                       for f in j.result.findings)

@@ -10,7 +10,7 @@ from testbed.check.model import Finding, ScenarioResult, Status
 from testbed.designs import Scenario
 from testbed.designs.rpal.explore import driver
 from testbed.designs.rpal.explore.choices import REFERENCE_CHOICES
-from testbed.designs.rpal.explore.guest import explore_guest
+from testbed.designs.rpal.explore.guest import dump_at_failure, explore_guest
 from testbed.designs.rpal.explore.session import AgentBroken, Session
 from testbed.errors import TestbedError
 from testbed.reproduce import kernel_args
@@ -37,6 +37,8 @@ def _run(seconds: float, declared: tuple[str, ...], spec: GuestSpec, bugs: tuple
             session = Session(rig.agent, snapshotter=rig.snapshotter, console=rig.console)
             res = driver.explore(session, seed=SEED, steps=STEPS, seconds=seconds,
                                  services=SERVICES, shrink_seconds=min(120.0, 2 * seconds))
+            if res.failure is not None:  # the guest's memory at the failure
+                dump_at_failure(rig, session, res.failure.steps, run_dir, spec)
     except (TestbedError, AgentBroken) as exc:
         result.error = exc.one_line() if isinstance(exc, TestbedError) else str(exc)
         result.seconds = round(time.monotonic() - t0, 2)
