@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
@@ -46,6 +47,15 @@ struct svc {
 
 static struct svc svcs[MAX_SVCS];
 static int nsvcs;
+
+/* Holders (op fill): registered services that only hold an RPAL id, to exhaust them. */
+#define MAX_HOLDERS 300
+struct holder {
+	pid_t pid;
+	int fd;
+};
+static struct holder holders[MAX_HOLDERS];
+static int nholders;
 static int in_fd = -1, out_fd = -1, sig_fd = -1;
 static const char *svc_path = "/usr/bin/tb-rpal_svc";
 static int swap_on;
@@ -455,6 +465,139 @@ static void do_spawn(const struct ap_cmd *c, struct ap_ans *a)
 	}
 }
 
+/* One holder: exec of tb-rpal_svc that registers and then idles. Returns its id (>= 0),
+ * or -errno when the exec (the registration) failed. */
+static long spawn_holder(long *key)
+{
+	int sv[2], r;
+	pid_t pid;
+	struct ap_reader rd;
+	char line[AP_LINE_MAX];
+	long end;
+
+	if (nholders == MAX_HOLDERS)
+		return -EMFILE;
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv))
+		return -errno;
+	pid = fork();
+	if (pid < 0) {
+		r = errno;
+		close(sv[0]);
+		close(sv[1]);
+		return -r;
+	}
+	if (pid == 0) {
+		char fdb[16];
+		char *argv[] = { "tb-rpal_svc", "--fd", fdb, "--seq", "1", "--cpu", "0",
+				 "--name", "holder", NULL };
+		struct ap_ans e;
+		sigset_t none;
+		int fd = dup(sv[1]);
+
+		sigemptyset(&none);
+		sigprocmask(SIG_SETMASK, &none, NULL);
+		snprintf(fdb, sizeof(fdb), "%d", fd);
+		execv(svc_path, argv);
+		ap_err(&e, 1, errno);
+		ap_write_all(fd, e.buf, ap_end(&e));
+		_exit(127);
+	}
+	close(sv[1]);
+	memset(&rd, 0, sizeof(rd));
+	rd.fd = sv[0];
+	end = now_ms() + SPAWN_TIMEOUT_MS;
+	for (;;) {
+		struct pollfd p = { sv[0], POLLIN, 0 };
+
+		r = ap_next_line(&rd, line);
+		if (r > 0)
+			break;
+		if (now_ms() >= end || poll(&p, 1, 100) < 0 ||
+		    ((p.revents & POLLIN) && ap_fill(&rd) <= 0)) {
+			r = -1;
+			break;
+		}
+	}
+	{
+		const char *id = r > 0 ? strstr(line, " id=") : NULL;
+		const char *en = r > 0 ? strstr(line, " errno=") : NULL;
+		long v = -EIO;
+
+		const char *k = r > 0 ? strstr(line, " key=") : NULL;
+
+		if (id && !strncmp(line, "1 ok ", 5))
+			v = strtol(id + 4, NULL, 10);
+		if (k && v >= 0)
+			*key = strtol(k + 5, NULL, 10);
+		else if (en)
+			v = -strtol(en + 7, NULL, 10);
+		if (v < 0) {
+			int st;
+
+			close(sv[0]);
+			kill(pid, SIGKILL);
+			waitpid(pid, &st, 0);
+			return v;
+		}
+		holders[nholders].pid = pid;
+		holders[nholders].fd = sv[0];
+		nholders++;
+		return v;
+	}
+}
+
+/* fill [max=N]: register holders until the kernel refuses (no free id), then try once
+ * more ("again": a refused registration must free nothing). */
+static void do_fill(const struct ap_cmd *c, struct ap_ans *a)
+{
+	static char ids[MAX_HOLDERS * 5 + 8];
+	uint64_t max;
+	size_t m = 0;
+	int held = 0;
+	long v = 0, again, key = -1;
+
+	if (ap_u64(c, "max", MAX_HOLDERS, &max) < 0 || max > MAX_HOLDERS) {
+		ap_bad(a, c->seq, "arg");
+		return;
+	}
+	ids[0] = 0;
+	while ((uint64_t)held < max) {
+		v = spawn_holder(&key);
+		if (v < 0)
+			break;
+		m += (size_t)snprintf(ids + m, sizeof(ids) - m, "%s%ld", held ? "," : "", v);
+		held++;
+	}
+	ap_begin(a, c->seq, "ok");
+	ap_add(a, "held=%d ids=%s", held, held ? ids : "none");
+	if (v < 0) {
+		ap_add(a, "err=%s", ap_errname((int)-v));
+		again = spawn_holder(&key);
+		if (again >= 0)
+			ap_add(a, "again_id=%ld", again);
+		else
+			ap_add(a, "again=%s", ap_errname((int)-again));
+	}
+	if (key >= 0)
+		ap_add(a, "last_key=%ld", key);
+}
+
+/* unfill: end every holder (their ids go the way of any dead service's). */
+static void do_unfill(const struct ap_cmd *c, struct ap_ans *a)
+{
+	int n = nholders, i, st;
+
+	for (i = 0; i < nholders; i++) {
+		close(holders[i].fd);
+		kill(holders[i].pid, SIGKILL);
+	}
+	for (i = 0; i < nholders; i++)
+		waitpid(holders[i].pid, &st, 0);
+	nholders = 0;
+	ap_begin(a, c->seq, "ok");
+	ap_add(a, "killed=%d", n);
+}
+
 static void do_vmstat(const struct ap_cmd *c, struct ap_ans *a)
 {
 	static const char *dflt = "pswpin,pswpout,pgmigrate_success,pgmigrate_fail,"
@@ -518,7 +661,11 @@ static int path_ok(const char *p)
 static void quit_all(void)
 {
 	int st;
+	struct ap_cmd none;
+	struct ap_ans dummy;
 
+	memset(&none, 0, sizeof(none));
+	do_unfill(&none, &dummy);
 	while (nsvcs) {
 		kill(svcs[0].pid, SIGKILL);
 		reap_blocking(svcs[0].pid, 3000, &st);
@@ -574,6 +721,24 @@ static void handle_line(char *line)
 		}
 	} else if (!strcmp(c.op, "vmstat")) {
 		do_vmstat(&c, &a);
+	} else if (!strcmp(c.op, "clearwarn")) {
+		/* re-arm every WARN_ON_ONCE, so that a sequence replayed on the same guest
+		 * (shrinking) can show the kernel's warning again */
+		const char *f = "/sys/kernel/debug/clear_warn_once";
+		int r;
+
+		if (access(f, F_OK) && mount("debugfs", "/sys/kernel/debug", "debugfs", 0, NULL))
+			r = -errno;
+		else
+			r = write_file(f, "1");
+		if (r < 0)
+			ap_err(&a, c.seq, -r);
+		else
+			ap_begin(&a, c.seq, "ok");
+	} else if (!strcmp(c.op, "fill")) {
+		do_fill(&c, &a);
+	} else if (!strcmp(c.op, "unfill")) {
+		do_unfill(&c, &a);
 	} else if (!strcmp(c.op, "compact")) {
 		int r = write_file("/proc/sys/vm/compact_memory", "1");
 

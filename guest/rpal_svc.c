@@ -189,10 +189,14 @@ static int guarded(volatile uint64_t *p, int write, uint64_t v0, uint64_t *out,
 static int guarded_fill(volatile uint64_t *p, uint64_t n, uint64_t v, struct fault *f)
 {
 	volatile uint64_t i;
+	volatile uint32_t saved = pk_read();
 
 	memset(&g_fault, 0, sizeof(g_fault));
 	if (sigsetjmp(g_env, 1)) {
 		timer_ms(0);
+		/* siglongjmp skips sigreturn: the handler's PKRU (the signal-delivery
+		 * default) would stay; put the thread's own back */
+		pk_write(saved);
 		*f = g_fault;
 		return -1;
 	}
@@ -942,30 +946,43 @@ static void handle(const struct ap_cmd *c, struct ap_ans *a)
 		ap_begin(a, seq, "ok");
 		ap_add(a, "tid=%d pkru=0x%x ckpt=%d", (int)sig_tid, sig_pkru, sig_ckpt_rc);
 	} else if (!strcmp(op, "deadkeys")) {
-		uint64_t keys[64];
+		/* read() of count bytes (default: 64 keys) into a buffer with a canary
+		 * after count: over= is how many bytes past count the kernel wrote */
+		uint64_t keys[64 + 8], count;
+		unsigned char *b = (unsigned char *)keys;
 		int fl = fcntl(rpal_fd, F_GETFL);
 		ssize_t n;
 		char buf[64 * 21 + 8];
-		size_t m = 0;
+		size_t m = 0, over = 0, j;
 		int i;
 
+		if (ap_u64(c, "count", 64 * 8, &count) < 0 || count > 64 * 8) {
+			ap_bad(a, seq, "arg");
+			return;
+		}
+		memset(keys, 0xa5, sizeof(keys));
 		fcntl(rpal_fd, F_SETFL, fl | O_NONBLOCK);
-		n = read(rpal_fd, keys, sizeof(keys));
+		n = read(rpal_fd, keys, count);
 		r = errno;
 		fcntl(rpal_fd, F_SETFL, fl);
+		for (j = count; j < sizeof(keys); j++)
+			if (b[j] != 0xa5)
+				over = j - count + 1;
 		if (n < 0 && r != EAGAIN) {
 			ap_err(a, seq, r);
 			return;
 		}
 		ap_begin(a, seq, "ok");
 		if (n <= 0) {
-			ap_add(a, "keys=none");
+			ap_add(a, "keys=none ret=0 over=%zu", over);
 			return;
 		}
+		if (n > (ssize_t)sizeof(keys))
+			n = sizeof(keys);
 		for (i = 0; i < (int)(n / 8); i++)
 			m += (size_t)snprintf(buf + m, sizeof(buf) - m, "%s%llu", i ? "," : "",
 					      (unsigned long long)keys[i]);
-		ap_add(a, "keys=%s", buf);
+		ap_add(a, "keys=%s ret=%zd over=%zu", m ? buf : "none", n, over);
 	} else if (!strcmp(op, "poll")) {
 		struct pollfd p = { .fd = rpal_fd, .events = POLLIN };
 

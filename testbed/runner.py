@@ -11,9 +11,10 @@ import json
 import re
 import shlex
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from testbed.boot.machine import Checkpoint, Machine, MachineConfig, stop_all_gu
 from testbed.check.model import ScenarioResult, Status, missing_checks
 from testbed.designs import Design, Scenario, get_design
 from testbed.errors import Interrupted, TestbedError, UsageError
+from testbed.progress import Progress
 from testbed.reproduce import PRELUDE, PROGRAM, exec_line, kernel_args
 from testbed.rundir import (
     ScenarioRecord,
@@ -235,6 +237,20 @@ def write_reproducer(run_dir: Path, sc: Scenario, spec: GuestSpec, bugs: tuple[s
     return path
 
 
+def machine_config(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...],
+                   mode: Mode | None = None) -> MachineConfig:
+    """The guest a scenario boots (in `mode` when given): its kernel, CPUs, paging, PTI and
+    command line (the design's bug parameter first)."""
+    if mode is not None:
+        spec = replace(spec, paging=mode.paging, pti=mode.pti)
+    return MachineConfig(
+        kernel=spec.kernel, initrd=spec.initrd, accel=spec.accel, smp=sc.smp,
+        mem_mib=spec.mem_mib, paging=spec.paging, pti=spec.pti,
+        append=kernel_append(spec, bugs, get_design(sc.design)),
+        boot_timeout=spec.boot_timeout,
+    )
+
+
 def run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], parent: Path,
                  mode: Mode | None = None) -> ScenarioResult:
     """One scenario on a guest of its own; with `mode`, in that paging mode, and the
@@ -246,12 +262,7 @@ def run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], parent: P
     tag = "+".join(bugs) if bugs else "nobug"
     run_dir = paths.new_run_dir(f"{name.replace('@', '-')}-{tag}", parent)
     design = get_design(sc.design)
-    append = kernel_append(spec, bugs, design)
-    cfg = MachineConfig(
-        kernel=spec.kernel, initrd=spec.initrd, accel=spec.accel, smp=sc.smp,
-        mem_mib=spec.mem_mib, paging=spec.paging, pti=spec.pti, append=append,
-        boot_timeout=spec.boot_timeout,
-    )
+    cfg = machine_config(sc, spec, bugs)
     result = ScenarioResult(name, [], str(run_dir), bugs, design=design.name)
     record = ScenarioRecord(name, sc.name, design.name, bugs,
                             mode=mode.name if mode is not None else "", paging=spec.paging,
@@ -266,6 +277,9 @@ def run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], parent: P
         )
         record.error, record.seconds = result.error, result.seconds
         record.write(run_dir)
+        result.evidence = evidence_files(run_dir, result)
+        if not result.passed:
+            result.console_tail = console_tail(run_dir / "console.log")
     return result
 
 
@@ -276,6 +290,46 @@ def kernel_identity(kernel: Path) -> dict[str, str]:
     info = kernel_files(kernel)
     return {k: info[v] for k, v in (("key", "kernel_key"), ("series", "kernel_series"))
             if info.get(v)}
+
+
+# What a reader opens first in a scenario's run folder, in this order (name, glob).
+EVIDENCE = (("console", "console.log"), ("snapshots", "snapshots"),
+            ("findings", "findings.json"), ("reproduce", "reproduce.sh"),
+            ("replay", "failure-*.sh"), ("dump", "memory-*.elf"), ("error", "error.txt"))
+
+
+def evidence_files(run_dir: Path, result: ScenarioResult | None = None) -> dict[str, str]:
+    """name -> path of the files of a scenario's run folder that exist (pure over the
+    folder); `snapshots` only when it holds one."""
+    out: dict[str, str] = {}
+    for name, pattern in EVIDENCE:
+        found = sorted(run_dir.glob(pattern))
+        if name == "snapshots":
+            found = [d for d in found if d.is_dir() and any(d.glob("*.json"))]
+        if found:
+            out[name] = str(found[-1])
+    if result is not None and result.reproduce and "reproduce" not in out:
+        out["reproduce"] = result.reproduce
+    return out
+
+
+CONSOLE_TAIL_LINES = 40
+CONSOLE_TAIL_BYTES = 8192
+
+
+def console_tail(console_log: Path, lines: int = CONSOLE_TAIL_LINES) -> str:
+    """The last `lines` lines of a console log (at most 8 KiB of it), "" when unreadable."""
+    try:
+        with open(console_log, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - CONSOLE_TAIL_BYTES))
+            data = f.read(CONSOLE_TAIL_BYTES)
+    except OSError:
+        return ""
+    text = data.decode(errors="replace").replace("\r\n", "\n")
+    kept = text.splitlines()[-lines:]
+    return "\n".join(kept) + ("\n" if kept else "")
 
 
 def _check_bugs(m: Machine, bugs: tuple[str, ...], design: Design) -> None:
@@ -427,23 +481,81 @@ class RunInterrupted(Exception):
 STOP_GRACE = 5.0  # seconds an interrupted run gives its workers to wind down
 
 
-def run_all(jobs: Sequence[Job], spec: GuestSpec, parent: Path,
-            parallel: int) -> list[ScenarioResult]:
+def job_name(job: Job) -> str:
+    sc, bugs, mode = job
+    name = f"{sc.name}@{mode.name}" if mode is not None else sc.name
+    return name + (f" +{'+'.join(bugs)}" if bugs else "")
+
+
+def run_all(jobs: Sequence[Job], spec: GuestSpec, parent: Path, parallel: int, *,
+            on_result: Callable[[ScenarioResult, int, int], None] | None = None,
+            stop_on_failure: bool = False, progress: Progress | None = None
+            ) -> list[ScenarioResult]:
     """Run (scenario, bugs, mode) jobs on `parallel` guests at a time; results in job order.
 
+    `on_result(result, finished, total)` is called in this thread as each job ends.
+    With `stop_on_failure` (-x) no queued job starts after the first that did not
+    pass (the running ones finish); the results then hold only the jobs that ran.
+    `progress` heartbeats name the jobs running and for how long.
     On a signal (Interrupted, see terminate_on_signals): no queued job starts, every
     guest is stopped, and RunInterrupted carries the results finished before it.
     """
     pool = ThreadPoolExecutor(max_workers=max(1, parallel))
-    futures = [pool.submit(run_scenario, sc, spec, bugs, parent, mode)
-               for sc, bugs, mode in jobs]
+    running: dict[int, float] = {}
+    lock = threading.Lock()
+
+    stop = threading.Event()  # -x: set by the worker whose scenario did not pass
+
+    def one(i: int) -> ScenarioResult | None:
+        if stop.is_set():
+            return None  # not started: an earlier scenario failed under -x
+        sc, bugs, mode = jobs[i]
+        with lock:
+            running[i] = time.monotonic()
+        try:
+            r = run_scenario(sc, spec, bugs, parent, mode)
+        finally:
+            with lock:
+                running.pop(i, None)
+        if stop_on_failure and not r.passed:
+            stop.set()
+        return r
+
+    finished = 0
+    if progress is not None:
+        def detail() -> str:
+            now = time.monotonic()
+            with lock:
+                now_running = sorted(running.items())
+            names = ", ".join(f"{job_name(jobs[i])} {now - t:.0f} s" for i, t in now_running)
+            return f"{finished}/{len(jobs)} finished; running: {names or 'none'}"
+        progress.detail_fn = detail
+        progress.start_heartbeat()
+    futures = [pool.submit(one, i) for i in range(len(jobs))]
+    index = {f: i for i, f in enumerate(futures)}
     try:
-        results = [f.result() for f in futures]
+        pending = set(futures)
+        while pending:
+            # with a timeout: futures cancelled by -x never complete a wait()
+            done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            for f in sorted(done, key=index.__getitem__):
+                if f.cancelled():
+                    continue
+                r = f.result()
+                if r is None:
+                    continue
+                finished += 1
+                if on_result is not None:
+                    on_result(r, finished, len(jobs))
+                if stop_on_failure and not r.passed:
+                    pool.shutdown(wait=False, cancel_futures=True)
+            pending = {f for f in pending if not f.cancelled()}
+        results = [r for f in futures if not f.cancelled() and (r := f.result()) is not None]
     except Interrupted as sig:
-        finished = [f.result() for f in futures if f.done() and not f.cancelled()
-                    and f.exception() is None]
+        ended = [r for f in futures if f.done() and not f.cancelled()
+                 and f.exception() is None and (r := f.result()) is not None]
         _stop_workers(pool, futures)
-        raise RunInterrupted(sig, finished, len(jobs)) from None
+        raise RunInterrupted(sig, ended, len(jobs)) from None
     pool.shutdown()
     return results
 

@@ -65,6 +65,8 @@ class FakeAgent:
             if s is not None:
                 self.model._die(s, self.clock())
             return Answer("ok")
+        if op == "clearwarn":
+            return Answer("ok")
         if op == "arm":
             return Answer("ok", {"reads": "10", "old": "0x0"})
         if op == "spinstop":

@@ -10,6 +10,7 @@ from explore_fake import Clock, FakeAgent
 
 from testbed.designs.rpal.explore.choices import with_delay
 from testbed.designs.rpal.explore.driver import (
+    ExplorerBug,
     ReplayFileError,
     explore,
     load_failure,
@@ -55,6 +56,25 @@ def test_planted_fault_is_found_named_and_shrunk(fault: str, check: str) -> None
     assert res.failure.check == check, res.failure.message
     assert len(res.failure.steps) <= 12, [st.text() for st in res.failure.steps]
     assert res.failure.step_index == len(res.failure.steps) - 1
+
+
+def test_an_error_of_the_explorer_is_no_verdict() -> None:
+    """A bug of the explorer itself (any exception but a failed check) ends the run as
+    ExplorerBug (exit 125 in the CLI), never as a failed check of the kernel."""
+    s = session()
+    real = s._run
+    calls = 0
+
+    def broken(*a, **k):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls == 5:
+            raise TypeError("planted")
+        return real(*a, **k)
+
+    s._run = broken  # type: ignore[method-assign]
+    with pytest.raises(ExplorerBug, match="planted"):
+        explore(s, seed=1, steps=20, seconds=60, services=4, max_examples=5)
 
 
 def test_same_seed_same_sequences() -> None:

@@ -17,6 +17,10 @@ def ans(kind: str = "ok", **f: Any) -> Answer:
                              else str(v)) for k, v in f.items()})
 
 
+def err_ans(name: str) -> Answer:
+    return Answer("err", {"name": name})
+
+
 class Guest:
     """Drive the model by hand: each call says what a correct kernel answered."""
 
@@ -236,10 +240,11 @@ def test_exit_queues_the_key_to_requesters_and_requested_only() -> None:
         assert g.m.svcs[n].deadkeys == [1], n
     e = g.expect("deadkeys", "b").expect
     assert e.check == "exit"
-    assert e.judge(ans(keys="1"))
-    assert not e.judge(ans(keys="none"))
-    g.do("deadkeys", "b", ans(keys="1"))
-    assert g.expect("deadkeys", "b").expect.judge(ans(keys="none"))
+    assert e.judge(ans(keys="1", ret=8, over=0))
+    assert not e.judge(ans(keys="none", ret=0, over=0))
+    assert not e.judge(ans(keys="1", ret=8, over=8)), "a byte past count is a failure"
+    g.do("deadkeys", "b", ans(keys="1", ret=8, over=0))
+    assert g.expect("deadkeys", "b").expect.judge(ans(keys="none", ret=0, over=0))
     assert g.expect("poll", "c").expect.judge(ans(pollin=1))
     assert not g.m.svcs["c"].requests, "requests of the dead are dropped"
 
@@ -353,3 +358,62 @@ def test_spinner_cutoffs() -> None:
     assert g.expect("exit", "b").cutoff == [("a", "gone")]
     assert g.expect("mprotect", "b", region="r1", prot="r").cutoff == []
     assert g.expect("mprotect", "b", region="r1", prot="none").cutoff == [("a", "gone")]
+
+
+def test_read_of_dead_keys_honours_count() -> None:
+    """read() returns as many whole keys as count holds, no byte more; count < 8 is EINVAL
+    (the bug read_ignores_count copies every queued key)."""
+    g = Guest()
+    for i, n in enumerate("abc"):
+        g.spawn(n, i, i + 1)
+        g.enable(n, i)
+    g.pair("a", "b")
+    g.pair("a", "c")
+    g.do("exit", "b", ans(pid=101, status=0, sig=0), readback=0)
+    g.do("exit", "c", ans(pid=102, status=0, sig=0), readback=0)
+    assert g.m.svcs["a"].deadkeys == [2, 3]
+    one = g.expect("deadkeys", "a", count=8).expect
+    assert one.judge(ans(keys="2", ret=8, over=0))
+    assert not one.judge(ans(keys="2,3", ret=16, over=8)), "wrote past count"
+    assert g.expect("deadkeys", "a", count=4).expect.judge(err_ans("EINVAL"))
+    assert g.expect("deadkeys", "a", count=512).expect.judge(ans(keys="2,3", ret=16, over=0))
+    g.do("deadkeys", "a", ans(keys="2", ret=8, over=0), count=8)
+    assert g.m.svcs["a"].deadkeys == [3], "a read takes the keys it returned off the queue"
+
+
+def test_fill_expects_every_free_id_then_enospc_twice() -> None:
+    """fill registers until no id is free; the registration after the first ENOSPC must
+    fail too (exhaustion_frees_id lets it take an id a live service holds)."""
+    g = Guest()
+    g.spawn("a", 0, 1)
+    e = g.expect("fill", "-").expect
+    assert e.check == "ids"
+    assert e.judge(ans(held=253, ids="x", err="ENOSPC", again="ENOSPC"))
+    assert not e.judge(ans(held=253, ids="x", err="ENOSPC", again_id=253))
+    assert not e.judge(ans(held=250, ids="x", err="ENOSPC", again="ENOSPC"))
+    ids = ",".join(str(i) for i in range(1, 254))
+    g.do("fill", "-", ans(held=253, ids=ids, err="ENOSPC", again="ENOSPC", last_key=254))
+    sp = g.expect("spawn", "b").expect
+    assert sp.judge(err_ans("ENOSPC")) and not sp.judge(ans(id=253, key=255, pkey=13))
+    g.do("unfill", "-", ans(killed=253))
+    assert not g.m.holders and 5 in g.m.world.held, "a holder's id is held back like any dead id"
+
+
+def test_fork_cuts_off_a_peer_writing_the_owner_page() -> None:
+    """A peer writing a page of the owner (write spinner): the owner's fork is a cut-off
+    (the child's copy must freeze), and the page's value is unknown to the model."""
+    g = Guest()
+    for i, n in enumerate("ab"):
+        g.spawn(n, i, i + 1)
+        g.enable(n, i)
+    g.pair("a", "b")
+    g.do("mmap", "a", ans(addr=(1 << 39) + 0x1000), pages=1, prot="rw", region="r1")
+    g.do("touch", "a", ans(), region="r1", value=0x1111)
+    g.do("spin", "b", ans(tid=77, first=0x2222), region="r1", page=0, mode="write",
+         value=0x2222)
+    assert g.m.regions["r1"].values == [None]
+    assert g.expect("read", "a", region="r1", page=0).expect.judge(ans(value=0x9999))
+    assert g.expect("fork", "a").cutoff == [("b", "cow")]
+    assert g.expect("mprotect", "a", region="r1", prot="r").cutoff == [("b", "gone")]
+    assert g.expect("madvise", "a", region="r1", advice="dontneed").cutoff == [], \
+        "a writer shows nothing about DONTNEED"

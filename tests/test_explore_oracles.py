@@ -92,6 +92,18 @@ def test_a_peer_flush_need_not_go_on_to_the_peers_peers() -> None:
     # had a acted, c (a's peer) must have seen the flush
     assert not all(f.passed for f in oracles.tlb_step_findings(before, after, facts, m, pred,
                                                                pids, 1, "a"))
+    # c acted (an access to its page, say) while b's flush reached a: c has nothing to
+    # do with a's move (seen as a false alarm: a spinner thread's stack in b)
+    assert all(f.passed for f in oracles.tlb_step_findings(before, after, facts, m, pred,
+                                                           pids, 1, "c"))
+    # b read a's page (actor a) and b's own mm flushed too (its spinner's stack): a's move
+    # may be b's flush reaching it, so a's other peer c need not follow
+    assert all(f.passed for f in oracles.tlb_step_findings(before, after, facts, m, pred,
+                                                           pids, 1, "a", "b"))
+    # but had b's own generation stayed, a's move is a's own: c must follow
+    b_still = snap({100: 6, 101: 7, 102: 3}, {})
+    assert not all(f.passed for f in oracles.tlb_step_findings(before, b_still, facts, m,
+                                                               pred, pids, 1, "a", "b"))
 
 
 def test_release_must_flush_both_sides() -> None:

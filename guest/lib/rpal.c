@@ -176,8 +176,8 @@ static void try_done(void)
  * signal handler ran with the service's default PKRU and we leave it with
  * siglongjmp, not sigreturn.
  */
-int rpal_try_read64(const volatile uint64_t *p, uint64_t *out, int timeout_ms,
-		    struct rpal_fault *f)
+static int try_access64(volatile uint64_t *p, int write, uint64_t v, uint64_t *out,
+			int timeout_ms, struct rpal_fault *f)
 {
 	volatile uint32_t pkru = rdpkru();
 
@@ -189,29 +189,25 @@ int rpal_try_read64(const volatile uint64_t *p, uint64_t *out, int timeout_ms,
 		return -1;
 	}
 	try_armed = 1;
-	*out = *p;
+	if (write)
+		*p = v;
+	else
+		*out = *p;
 	try_done();
 	*f = try_fault;
 	return 0;
 }
 
+int rpal_try_read64(const volatile uint64_t *p, uint64_t *out, int timeout_ms,
+		    struct rpal_fault *f)
+{
+	return try_access64((volatile uint64_t *)p, 0, 0, out, timeout_ms, f);
+}
+
 int rpal_try_write64(volatile uint64_t *p, uint64_t v, int timeout_ms,
 		     struct rpal_fault *f)
 {
-	volatile uint32_t pkru = rdpkru();
-
-	try_setup(timeout_ms);
-	if (sigsetjmp(try_env, 1)) {
-		wrpkru(pkru);
-		try_done();
-		*f = try_fault;
-		return -1;
-	}
-	try_armed = 1;
-	*p = v;
-	try_done();
-	*f = try_fault;
-	return 0;
+	return try_access64(p, 1, v, NULL, timeout_ms, f);
 }
 
 void rpal_watchdog(int timeout_ms)

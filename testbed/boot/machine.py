@@ -697,3 +697,15 @@ def connect_unix(path: Path) -> socket.socket:
 
 def resolve_accel(want: str, paging: int, kernel: Path, initrd: Path) -> Accel:
     return choose_accel(want, paging, boot_check=(kernel, initrd))
+
+
+def dry_run_args(cfg: MachineConfig, run_dir: Path) -> list[str]:
+    """The QEMU command line a guest of `cfg` would get in `run_dir`, starting nothing:
+    the SSH port, picked free at start, shows as PORT and the socketpairs' fds as QMP and
+    CHECKPOINT."""
+    m = Machine(cfg, run_dir)
+    if cfg.ssh:
+        m.ssh_port = 0
+    args = m.qemu_args(run_dir / "initrd.cpio", -1, -2)
+    return [a.replace("fd=-1", "fd=QMP").replace("fd=-2", "fd=CHECKPOINT")
+            .replace("127.0.0.1:0-", "127.0.0.1:PORT-") for a in args]

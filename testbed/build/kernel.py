@@ -222,6 +222,7 @@ def _locked(path: Path, progress: Progress) -> Iterator[None]:
 
 # --------------------------------------------------------------------------- running make
 
+_COMPILE_STEPS = frozenset({"CC", "AS", "HOSTCC", "CC [M]"})
 _TARGET_RE = re.compile(r"^\s{2}([A-Z][A-Z0-9_-]{1,10})\s+(\S+)")
 _ERROR_RES = (
     re.compile(r"^\S+:\d+:(\d+:)? (fatal )?error: .*"),
@@ -252,12 +253,16 @@ def run_logged(cmd: Sequence[str], *, cwd: Path, log: Path, progress: Progress,
         proc = subprocess.Popen(list(cmd), cwd=cwd, env=full_env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, errors="replace")
         assert proc.stdout is not None
+        objects = 0  # compiled so far (CC/AS lines): what a CI log's heartbeat shows
         for line in proc.stdout:
             fh.write(line)
             lines.append(line.rstrip("\n"))
             m = _TARGET_RE.match(line)
+            if m and m.group(1) in _COMPILE_STEPS:
+                objects += 1
             detail = f"{m.group(1)} {m.group(2)}" if m else line.strip()[:70]
-            progress.update(f"{what}: {detail} ({len(lines)} lines)")
+            done = f"{objects} objects compiled, " if objects else ""
+            progress.update(f"{what}: {done}{detail} ({len(lines)} lines)")
         rc = proc.wait()
         fh.write(f"# exit status {rc}\n")
     if rc != 0:
@@ -404,6 +409,38 @@ def build_kernel(
     """
     start = time.monotonic()
     progress = Progress("kernel build")
+    try:
+        return _build_kernel(series, config_fragments, source, jobs, force, run_dir, start,
+                             progress)
+    finally:
+        progress.close()  # the heartbeat stops on every way out (cached, failed, built)
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """What a build would be, named before anything is built: its cache key and inputs."""
+
+    key: str
+    base: BaseSource
+    series: Series
+    fragments: list[kconfig.Fragment]
+    toolchain: dict[str, str]
+
+    @property
+    def dir(self) -> Path:
+        return kernels_dir() / self.key
+
+    @property
+    def cached(self) -> bool:
+        return _complete(self.dir)
+
+
+def plan_kernel(series: str | os.PathLike[str] | None = None,
+                config_fragments: Sequence[str | os.PathLike[str]] = (),
+                source: str | os.PathLike[str] | None = None) -> KernelPlan:
+    """The cache key of a build (and what goes into it) without building: `testbed kernel
+    key` prints it for CI caches (the key changes with the base, series, fragments and
+    toolchain, and with nothing else)."""
     base = resolve_source(source, work_dir())
     ser = load_series(series)
     fragments = [kconfig.load_fragment(kconfig.BASE_FRAGMENT)]
@@ -414,11 +451,23 @@ def build_kernel(
     if toolchain["cc"] == "missing" or toolchain["make"] == "missing":
         raise BuildError("no C compiler or make on this host (install gcc and make)")
     key = cache_key(base.identity, ser, fragments, toolchain)
-    out_dir = kernels_dir() / key
+    return KernelPlan(key, base, ser, fragments, toolchain)
+
+
+def _build_kernel(series: str | os.PathLike[str] | None,
+                  config_fragments: Sequence[str | os.PathLike[str]],
+                  source: str | os.PathLike[str] | None, jobs: int | None, force: bool,
+                  run_dir: Path | None, start: float, progress: Progress) -> KernelBuild:
+    plan = plan_kernel(series, config_fragments, source)
+    base, ser, fragments, toolchain, key = (plan.base, plan.series, plan.fragments,
+                                            plan.toolchain, plan.key)
+    out_dir = plan.dir
     if not force and _complete(out_dir):
         return _from_dir(out_dir, cached=True, seconds=time.monotonic() - start)
 
     run_dir = run_dir or paths.new_run_dir("kernel-build")
+    progress.update(f"building kernel {key} (series {ser.name or 'none'}); log "
+                    f"{run_dir / 'build.log'}", force=True)
     log = run_dir / "build.log"
     log.touch()
     origin = work_dir() / base.origin_id
@@ -504,3 +553,35 @@ def _build_locked(base: BaseSource, ser: Series, fragments: list[kconfig.Fragmen
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return _from_dir(out_dir, cached=False, seconds=seconds)
+
+
+def kernel_facts(bzimage: Path) -> dict[str, str]:
+    """What a report says about the kernel under test: its path, the vmlinux beside it,
+    the cache key, series and base version when it is a cached build, and the release
+    read from the image itself (the bzImage's version string: never empty for a kernel
+    that has one)."""
+    from testbed.boot.kernelimage import inspect_kernel
+
+    path = Path(bzimage)
+    facts = {"path": str(path), "vmlinux": "", "key": "", "series": "", "base_version": "",
+             "osrelease": "", "version": ""}
+    vmlinux = path.with_name("vmlinux")
+    if vmlinux.is_file():
+        facts["vmlinux"] = str(vmlinux)
+    try:
+        info = inspect_kernel(path)
+        facts["osrelease"], facts["version"] = info.release, info.version
+    except Exception:  # a report of a run whose kernel is gone keeps the rest
+        pass
+    meta_file = path.with_name("meta.json")
+    if path.name == "bzImage" and meta_file.is_file():
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, ValueError):
+            meta = {}
+        facts["key"] = str(meta.get("key", ""))
+        facts["series"] = str(meta.get("series", {}).get("name", "") or "")
+        facts["base_version"] = str(meta.get("base_version", ""))
+        if not facts["osrelease"]:
+            facts["osrelease"] = str(meta.get("kernel_release", ""))
+    return facts

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from testbed.build.kernel import build_kernel, list_cached, prune_plan, remove_build
+from testbed.build.kernel import (
+    build_kernel,
+    list_cached,
+    plan_kernel,
+    prune_plan,
+    remove_build,
+)
 from testbed.errors import BuildError
 
 
@@ -20,19 +26,22 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "kernel-patches/base.config plus fragments, and build bzImage and vmlinux "
         "(DWARF + BTF). Results are cached by content hash.",
     )
-    build.add_argument("--series", metavar="NAME|DIR|MBOX",
-                       help="kernel-patches/<NAME>, a quilt folder with a 'series' file, "
-                       "an mbox (b4 am output or lore t.mbox.gz) or a single patch")
-    build.add_argument("--config", metavar="FRAGMENT", nargs="+", action="extend", default=[],
-                       help="config fragment file(s), names under kernel-patches/, or inline "
-                       "CONFIG_X=value; applied after base.config")
-    build.add_argument("--source", metavar="TREE|TARBALL",
-                       help="base tree: a git tree or a tarball "
-                       "(default: Debian's /usr/src/linux-source-6.1.tar.xz)")
+    _build_inputs(build)
     build.add_argument("-j", "--jobs", type=int, default=None, help="make -j (default: all CPUs)")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
     build.add_argument("--json", action="store_true", help="print the result as JSON")
     build.set_defaults(func=_cmd_build)
+
+    key = ksub.add_parser(
+        "key", help="print the cache key of a build without building (for CI caches)",
+        description="Print the content hash `testbed kernel build` would file the build "
+        "under (base tree, series, config fragments, toolchain versions), and build "
+        "nothing. CI keys its kernel cache (~/.cache/testbed/kernels/KEY) with it.",
+    )
+    _build_inputs(key)
+    key.add_argument("--json", action="store_true",
+                     help="print key, cached (true/false), folder, series and base as JSON")
+    key.set_defaults(func=_cmd_key)
 
     lst = ksub.add_parser("list", help="show cached kernel builds")
     lst.add_argument("--json", action="store_true", help="print as JSON")
@@ -52,6 +61,29 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                        help="builds to keep per series (default 2)")
     prune.add_argument("--dry-run", action="store_true", help="only say what would go")
     prune.set_defaults(func=_cmd_prune)
+
+
+def _build_inputs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--series", metavar="NAME|DIR|MBOX",
+                   help="kernel-patches/<NAME>, a quilt folder with a 'series' file, "
+                   "an mbox (b4 am output or lore t.mbox.gz) or a single patch")
+    p.add_argument("--config", metavar="FRAGMENT", nargs="+", action="extend", default=[],
+                   help="config fragment file(s), names under kernel-patches/, or inline "
+                   "CONFIG_X=value; applied after base.config")
+    p.add_argument("--source", metavar="TREE|TARBALL",
+                   help="base tree: a git tree or a tarball "
+                   "(default: Debian's /usr/src/linux-source-6.1.tar.xz)")
+
+
+def _cmd_key(args: argparse.Namespace) -> int:
+    plan = plan_kernel(series=args.series, config_fragments=args.config, source=args.source)
+    if args.json:
+        print(json.dumps({"key": plan.key, "cached": plan.cached, "dir": str(plan.dir),
+                          "series": plan.series.name, "base": plan.base.label,
+                          "toolchain": plan.toolchain}, indent=2))
+    else:
+        print(plan.key)
+    return 0
 
 
 def _cmd_build(args: argparse.Namespace) -> int:

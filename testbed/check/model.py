@@ -125,6 +125,11 @@ class ScenarioResult:
     error: str = ""  # the scenario could not run (guest panic, hang...)
     reproduce: str = ""  # a script that runs the scenario again (runner.write_reproducer)
     design: str = ""  # the design whose scenario this is (testbed.designs)
+    # what a reader opens first when it failed: name -> path (console, snapshots, reproduce,
+    # findings...), and the last lines of its console log
+    evidence: dict[str, str] = field(default_factory=dict)
+    console_tail: str = ""
+    repeat: int = 0  # which repetition of `testbed matrix --repeat` (0 for run)
 
     @property
     def passed(self) -> bool:

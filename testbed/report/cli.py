@@ -50,7 +50,7 @@ def add_parser(sub: Any) -> None:
     rsub = p.add_subparsers(dest="report_command", required=True, metavar="ACTION")
     add_judge_parser(rsub)
     try:  # `testbed report merge` (shard reports), where this tree has it
-        from testbed.report import merge  # type: ignore[attr-defined]
+        from testbed.report import merge
     except ImportError:
         pass
     else:

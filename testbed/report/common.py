@@ -38,6 +38,9 @@ class RunMeta:
     design: str = ""  # the design under test (testbed.designs)
     title: str = "testbed report"
     checks: dict[str, CheckInfo] = field(default_factory=dict)  # the design's checks
+    # the kernel under test: path, vmlinux, key, series, base_version, osrelease, version
+    # (testbed.build.kernel.kernel_facts; key/series/base only for a cached build)
+    kernel_info: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -52,6 +55,7 @@ class RunMeta:
             "timings": dict(self.timings),
             "extra": dict(self.extra),
             "checks": [c.to_dict() for c in self.checks.values()],
+            "kernel_info": dict(self.kernel_info),
         }
 
     @classmethod
@@ -70,6 +74,7 @@ class RunMeta:
             checks={c["name"]: CheckInfo(c["name"], c["title"], c["invariant"],
                                          tuple(c["bugs"]), c["source"])
                     for c in d.get("checks", [])},
+            kernel_info={str(k): str(v) for k, v in dict(d.get("kernel_info", {})).items()},
         )
 
 
@@ -250,5 +255,15 @@ def text_env() -> jinja2.Environment:
     return _env(keep_trailing_newline=True, autoescape=False)
 
 
+def file_url(path: str) -> str:
+    """A link to a local file (absolute paths as file:// URLs, relative ones as they are)."""
+    from pathlib import Path
+    from urllib.parse import quote
+
+    return "file://" + quote(path) if Path(path).is_absolute() else quote(path)
+
+
 def html_env() -> jinja2.Environment:
-    return _env(autoescape=True)
+    env = _env(autoescape=True)
+    env.filters["file_url"] = file_url
+    return env

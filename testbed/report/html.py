@@ -77,6 +77,8 @@ def _scenario_view(
         "good": good,
         "figures": figures,
         "output": r.output,
+        "evidence": [] if r.passed else list(r.evidence.items()),
+        "console_tail": r.console_tail,
     }
 
 

@@ -4,7 +4,9 @@
 {
   "schema": "testbed.report", "schema_version": 2,
   "run": {design, title, kernel, osrelease, bugs, accel, started, seconds, timings, extra,
-          "checks": [{name, title, invariant, bugs, source}]},   # source: host | guest
+          "checks": [{name, title, invariant, bugs, source}],    # source: host | guest
+          "kernel_info": {path, vmlinux, key, series, base_version, osrelease, version}},
+          # extra: modes, append, shard, selection, interrupted, matrix (testbed matrix)
   "verdict": "PASS" | "FAIL",
   "totals": {scenarios, scenarios_failed, tests, passed, failures, errors, skipped, seconds},
   "scenarios": [
@@ -14,6 +16,9 @@
      "failed_checks": [...],
      "findings": [{check, status, source, message, scenario, checkpoint, subject, evidence}],
      "snapshot_names": ["checkpoint", ...],
+     "evidence": {console, snapshots, findings, reproduce, ...: path},  # files that exist
+     "console_tail": "...",                   # last console lines of a scenario that failed
+     "repeat": N,                             # repetition of `testbed matrix --repeat`
      "snapshots": {checkpoint: snapshot}}     # only with embed_snapshots (SNAPSHOT-SCHEMA.md)
   ]
 }
@@ -72,6 +77,9 @@ def report_dict(
             "failed_checks": sorted(r.failed_checks()),
             "findings": [f.to_dict() for f in r.findings],
             "snapshot_names": list(r.snapshots),
+            "evidence": dict(r.evidence),
+            "console_tail": r.console_tail,
+            "repeat": r.repeat,
         }
         if embed_snapshots:
             s["snapshots"] = {k: v.to_json() for k, v in r.snapshots.items()}
@@ -139,6 +147,9 @@ def _result(s: Mapping[str, Any]) -> ScenarioResult:
         output=s.get("output", ""),
         error=s.get("error", ""),
         design=s.get("design", ""),
+        evidence={str(k): str(v) for k, v in dict(s.get("evidence", {})).items()},
+        console_tail=str(s.get("console_tail", "")),
+        repeat=int(s.get("repeat", 0)),
     )
 
 

@@ -5,8 +5,10 @@ class), where source is `host` (judged from snapshots), `guest` (a guest program
 `host+guest`.
 A failing case has <failure message=... type=check> whose text is the message and the evidence;
 an error finding, or a scenario that could not run (testcase "scenario"), has <error>; a case
-whose findings are all skips has <skipped message=...>. The guest output of the scenario is the
-suite's <system-out>. Counts: `skipped` on each <testsuite> (the Jenkins/Ant schema has none on
+whose findings are all skips has <skipped message=...>. The suite's <system-out> names the
+scenario's evidence files (console log, snapshots, findings, reproduce.sh), then holds the
+console tail of a scenario that did not pass and the guest output. Counts: `skipped` on
+each <testsuite> (the Jenkins/Ant schema has none on
 <testsuites>).
 
 This is the one report not rendered with jinja2: XML needs attribute and text escaping (and
@@ -56,6 +58,19 @@ def _properties(parent: ET.Element, props: dict[str, str]) -> None:
     el = ET.SubElement(parent, "properties")
     for k, v in props.items():
         ET.SubElement(el, "property", name=xml_safe(k), value=xml_safe(v))
+
+
+def system_out(r: ScenarioResult) -> str:
+    """A suite's <system-out>: the evidence files, the console tail (a scenario that did
+    not pass), then the workloads' output."""
+    parts = []
+    if r.evidence:
+        parts.append("".join(f"{name}: {path}\n" for name, path in r.evidence.items()))
+    if r.console_tail:
+        parts.append("--- console tail ---\n" + r.console_tail.rstrip("\n") + "\n")
+    if r.output:
+        parts.append(("--- guest output ---\n" if parts else "") + r.output)
+    return "\n".join(parts)
 
 
 def junit_tree(results: Sequence[ScenarioResult], meta: RunMeta | None = None) -> ET.Element:
@@ -113,8 +128,9 @@ def junit_tree(results: Sequence[ScenarioResult], meta: RunMeta | None = None) -
                 type=xml_safe(c.check),
             )
             el.text = _case_text(c)
-        if r.output:
-            ET.SubElement(suite, "system-out").text = xml_safe(r.output)
+        out = system_out(r)
+        if out:
+            ET.SubElement(suite, "system-out").text = xml_safe(out)
     return root
 
 

@@ -43,7 +43,17 @@ class Judged:
 
 
 def rejudge_scenario(run_dir: Path) -> Judged:
-    """One scenario's run folder judged again."""
+    """One scenario's run folder judged again (with its evidence files, as run names them)."""
+    from testbed.runner import console_tail, evidence_files
+
+    j = _rejudge_scenario(run_dir)
+    j.result.evidence = evidence_files(run_dir, j.result)
+    if not j.result.passed:
+        j.result.console_tail = console_tail(run_dir / "console.log")
+    return j
+
+
+def _rejudge_scenario(run_dir: Path) -> Judged:
     rec = ScenarioRecord.load(run_dir)
     design = get_design(rec.design)
     result = ScenarioResult(rec.name, [], str(run_dir), rec.bugs, seconds=rec.seconds,

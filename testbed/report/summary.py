@@ -60,6 +60,10 @@ def render_summary(
                 "error": printable(r.error),
                 "bad": bad,
                 "reproduce": printable(r.reproduce) if not r.passed else "",
+                # the files to open for a scenario that did not pass (reproduce has its line)
+                "evidence": [] if r.passed else [
+                    (name, printable(path)) for name, path in r.evidence.items()
+                    if name != "reproduce"],
             }
         )
     name_width = max((len(printable(r.scenario)) for r in results), default=0)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -419,6 +419,15 @@ class KernelView:
                 f"init_task.comm reads {comm!r}, not 'swapper...': the kernel image or the "
                 f"KASLR offset ({lay.kaslr_offset:#x}, from {lay.source}) does not match the guest"
             )
+        if not self.layout.osrelease and "linux_banner" in self.symbols:
+            # no VMCOREINFO (placed by the vmlinux's symbols): the release from the banner
+            try:
+                banner = self.read_string(self.symbol("linux_banner"), 200)
+            except Exception:
+                banner = ""
+            words = banner.split()
+            if len(words) >= 3 and words[:2] == ["Linux", "version"]:
+                self.layout = replace(self.layout, osrelease=words[2])
 
     # -- addresses ------------------------------------------------------------------------
 

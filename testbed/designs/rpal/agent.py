@@ -278,7 +278,8 @@ class Agent:
         if host_timeout is None:
             ms = args.get("timeout_ms")
             base = (ms if isinstance(ms, int) else
-                    30_000 if op == "spawn" else DEFAULT_OP_TIMEOUT_MS) / 1000
+                    30_000 if op == "spawn" else 120_000 if op in ("fill", "unfill")
+                    else DEFAULT_OP_TIMEOUT_MS) / 1000
             host_timeout = base + self.host_margin
         self._send(data)
         deadline = time.monotonic() + host_timeout

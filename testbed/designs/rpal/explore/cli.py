@@ -83,6 +83,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--json", type=Path, metavar="FILE", help="JSON report")
     p.add_argument("--junit", type=Path, metavar="FILE", help="JUnit XML report")
     p.add_argument("--html", type=Path, metavar="FILE", help="HTML report")
+    p.add_argument("--shard", metavar="I/N",
+                   help="shard I of N explores seed SEED+I-1 (N runners, N different seeds; "
+                        "merge their report.json with `testbed report merge`)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the guest's QEMU command line and what would run; start nothing")
     p.set_defaults(func=cmd_explore, modes=None)  # one paging mode (run_modes: --paging/--pti)
 
 
@@ -112,16 +117,25 @@ def cmd_explore(args: argparse.Namespace) -> int:
     terminate_on_signals()
     started = time.time()
     bugs = tuple(args.bug or ())
+    shard = None
+    if args.shard is not None:
+        from testbed.selection import parse_shard
+
+        shard = parse_shard(args.shard)
+        args.seed += shard.index - 1  # the shards explore different seeds
+    if args.dry_run:
+        return _dry_run(args, bugs)
     steps_to_replay = None
     if args.replay is not None:
         try:
             steps_to_replay, _ = driver.load_failure(args.replay)
         except driver.ReplayFileError as exc:
             raise TestbedError(str(exc)) from None
-    spec, timings = guest_spec(args)
     run_dir = args.run_dir or paths.new_run_dir("explore" if steps_to_replay is None
                                                 else "explore-replay")
     run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"run folder: {run_dir}", flush=True)  # first: CI reads a pipe
+    spec, timings = guest_spec(args)
     choices = REFERENCE_CHOICES
     meta: dict[str, Any] = {"seed": args.seed, "bugs": list(bugs), "kernel": str(spec.kernel),
                             "services": args.services, "steps_per_sequence": args.steps,
@@ -130,6 +144,12 @@ def cmd_explore(args: argparse.Namespace) -> int:
     failure: driver.Failure | None = None
     session: Session | None = None
     t0 = time.monotonic()
+    from testbed.progress import Progress
+
+    prog = Progress("explore")  # without a TTY: a heartbeat line while it explores
+    prog.update(f"booting the guest, then seed {args.seed} for {args.time:g} s", force=True)
+    prog.detail_fn = lambda: (f"{session.steps_done} steps judged" if session is not None
+                              else "booting the guest")
     try:
         with explore_guest(spec, bugs, run_dir, choices) as rig:
             timings["boot"] = round(time.monotonic() - t0, 2)
@@ -157,6 +177,8 @@ def cmd_explore(args: argparse.Namespace) -> int:
         last = str(exc).strip().splitlines()[-1]
         raise TestbedError(f"explore: internal error of the explorer ({last}); traceback in "
                            f"{run_dir / 'explorer-error.txt'}", run_dir=run_dir) from None
+    finally:
+        prog.close()
     timings["explore"] = round(time.monotonic() - t0, 2)
     assert res is not None
     findings: list[Finding] = []
@@ -170,8 +192,10 @@ def cmd_explore(args: argparse.Namespace) -> int:
         findings = [Finding.verdict(
             check, True, f"{n} judgments passed in {res.steps} steps of {res.examples} "
             "sequences", scenario="explore") for check, n in res.judged.items()]
-    result = ScenarioResult("explore" if steps_to_replay is None else "explore-replay",
-                            findings, str(run_dir), bugs, seconds=res.seconds)
+    name = "explore" if steps_to_replay is None else "explore-replay"
+    if shard is not None:
+        name += f"-seed{args.seed}"  # one result per shard: the merge keeps them apart
+    result = ScenarioResult(name, findings, str(run_dir), bugs, seconds=res.seconds)
     summary = {
         "schema": "testbed.explore", "schema_version": 1, **meta,
         "passed": failure is None, "examples": res.examples, "steps": res.steps,
@@ -193,9 +217,27 @@ def cmd_explore(args: argparse.Namespace) -> int:
                     started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
                     seconds=round(time.time() - started, 1), timings=timings,
                     extra={k: v for k, v in meta.items() if k not in ("bugs", "kernel")})
+    if shard is not None:
+        rmeta.extra["shard"] = str(shard)
     _reports(args, run_dir, [result], rmeta)
     print(f"run folder: {run_dir}")
     return 0 if failure is None else 1
+
+
+def _dry_run(args: argparse.Namespace, bugs: tuple[str, ...]) -> int:
+    from testbed.designs import get_design
+    from testbed.run_commands import dry_run_spec, print_dry_run
+    from testbed.runner import Mode
+
+    spec, notes = dry_run_spec(args)
+    what = (f"replay of {args.replay}" if args.replay else
+            f"seed {args.seed}, {args.time:g} s, {args.steps} steps per sequence, "
+            f"at most {args.services} services")
+    notes.append(f"explore: {what}; bugs {', '.join(bugs) or 'none'}")
+    sc = get_design("rpal").scenarios["explore"]
+    mode = Mode(f"l{args.paging}", args.paging, args.pti)
+    print_dry_run([(sc, bugs, mode)], spec, notes, "guest")
+    return 0
 
 
 def _dump_trace(run_dir: Path, session: Any) -> None:

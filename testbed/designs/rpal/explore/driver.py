@@ -24,8 +24,15 @@ from hypothesis.stateful import get_state_machine_test
 
 from testbed.check.model import Finding
 from testbed.designs.rpal.explore.machine import explore_settings, make_machine
-from testbed.designs.rpal.explore.session import SKIPPED, Record, Session, StepFailure
+from testbed.designs.rpal.explore.session import (
+    SKIPPED,
+    AgentBroken,
+    Record,
+    Session,
+    StepFailure,
+)
 from testbed.designs.rpal.explore.steps import Step
+from testbed.errors import TestbedError
 from testbed.reproduce import PRELUDE, exec_line
 
 FAILURE_SCHEMA = "testbed.explore.failure"
@@ -196,6 +203,11 @@ def explore(session: Session, *, seed: int, steps: int, seconds: float, services
             final = exc
         except BaseExceptionGroup as exc:  # several failures at once (should not happen)
             final = exc
+        except (AgentBroken, TestbedError):
+            raise
+        except Exception as exc:  # the explorer's own bug: never a verdict on the kernel
+            raise ExplorerBug(rec.errors[-1] if rec.errors else traceback.format_exc()) \
+                from exc
         if final is not None:
             if not rec.seen and rec.errors:
                 raise ExplorerBug(rec.errors[-1])

@@ -23,7 +23,7 @@ from testbed.designs.rpal.explore.steps import Step
 NAMES = "abcdefghijklmnop"
 SWARM = ("spawn", "enable_default", "enable", "request_peer", "request", "release", "exit",
          "exec", "simple", "pkey_free", "mmap", "brk", "touch", "change", "access", "spin",
-         "cut_off", "crowd", "pair")
+         "cut_off", "crowd", "pair", "fill", "drain", "move_access", "cow", "probe")
 VALUES = st.sampled_from([0x1111, 0x2222, 0xdead0001, 0xfeedface00000001])
 
 
@@ -37,6 +37,7 @@ def make_machine(session: Session, services: int) -> type[RuleBasedStateMachine]
             session.reset()
             self.s = session
             self.factor: dict[str, int] = {}
+            self.readback = True
 
         # ----- helpers --------------------------------------------------------------------
         def do(self, op: str, svc: str, **args: Any) -> None:
@@ -105,10 +106,17 @@ def make_machine(session: Session, services: int) -> type[RuleBasedStateMachine]
 
         def cut_off(self, data: st.DataObject) -> None:
             """The owner of a spun region cuts the spinner off."""
-            how = data.draw(st.sampled_from(["munmap", "mprotect", "dontneed", "release",
-                                             "exit"]), label="how")
             owner, region = data.draw(st.sampled_from(self.spun()), label="spun")
-            if how == "munmap":
+            self._cut(data, owner, region)
+
+        def _cut(self, data: st.DataObject, owner: str, region: str) -> None:
+            how = data.draw(st.sampled_from(["munmap", "mprotect", "dontneed", "release",
+                                             "exit", "mremap", "fork"]), label="how")
+            if how == "mremap":
+                self.do("mremap", owner, region=region, how="move")
+            elif how == "fork":
+                self.do("fork", owner)
+            elif how == "munmap":
                 self.do("munmap", owner, region=region)
             elif how == "mprotect":
                 self.do("mprotect", owner, region=region, prot="none")
@@ -160,7 +168,10 @@ def make_machine(session: Session, services: int) -> type[RuleBasedStateMachine]
         def exit(self, data: st.DataObject) -> None:
             n = self.pick_live(data)
             assert n
-            self.do("exit", n)
+            if self.readback:
+                self.do("exit", n)
+            else:  # leave the dead keys queued: a later read() sees several
+                self.do("exit", n, readback=0)
 
         def exec(self, data: st.DataObject) -> None:
             n = self.pick_live(data)
@@ -172,7 +183,26 @@ def make_machine(session: Session, services: int) -> type[RuleBasedStateMachine]
                                             "pkey_alloc", "fork"]), label="op")
             n = self.pick_live(data)
             assert n
-            self.do(op, n)
+            if op == "deadkeys":
+                self.do(op, n, count=data.draw(st.sampled_from([512, 512, 8, 16, 4]),
+                                               label="count"))
+            else:
+                self.do(op, n)
+
+        def queued(self) -> list[str]:
+            return [x.name for x in self.s.model.live() if len(x.deadkeys) >= 2]
+
+        def drain(self, data: st.DataObject) -> None:
+            """A read() of one key from a queue of several."""
+            n = data.draw(st.sampled_from(self.queued()), label="svc")
+            self.do("deadkeys", n, count=data.draw(st.sampled_from([8, 16]), label="count"))
+
+        def fill(self, data: st.DataObject) -> None:
+            """Registrations until the ids run out (the agent's holders), and one more."""
+            self.do("fill", "-")
+
+        def unfill(self, data: st.DataObject) -> None:
+            self.do("unfill", "-")
 
         def pkey_free(self, data: st.DataObject) -> None:
             pkey = data.draw(st.integers(0, 15), label="pkey")
@@ -252,7 +282,54 @@ def make_machine(session: Session, services: int) -> type[RuleBasedStateMachine]
 
         def spin(self, data: st.DataObject) -> None:
             n, r = data.draw(st.sampled_from(self.spinnable()), label="spin")
-            self.do("spin", n, region=r.name, page=0)
+            if r.prot == "rw" and data.draw(st.booleans(), label="writer"):
+                self.do("spin", n, region=r.name, page=0, mode="write",
+                        value=data.draw(VALUES, label="value"))
+            else:
+                self.do("spin", n, region=r.name, page=0)
+
+        def writers(self) -> list[str]:
+            """Owners of a region a peer's spinner writes."""
+            m = self.s.model
+            return sorted({m.regions[s.spinner[0]].owner for s in m.live()
+                           if s.spinner is not None and s.spin_write
+                           and s.spinner[0] in m.regions})
+
+        def cow(self, data: st.DataObject) -> None:
+            """The owner of a page a peer keeps writing forks (COW write-protects it)."""
+            self.do("fork", data.draw(st.sampled_from(self.writers()), label="svc"))
+
+        def probe(self, data: st.DataObject) -> None:
+            """A stale-TLB probe on a pair (a macro of plain steps): the owner maps and
+            fills a page, the peer reads or writes it on the other CPU, the owner cuts
+            it off one of the ways that must flush the peer."""
+            m = self.s.model
+            cands = sorted((o, p) for o in self.live() for p in m.peers(o)
+                           if m.svcs[p].spinner is None)
+            if not cands:
+                return
+            owner, peer = data.draw(st.sampled_from(cands), label="owner, peer")
+            region = m.next_region_name()
+            self.do("mmap", owner, pages=1, prot="rw", region=region)
+            self.do("touch", owner, region=region, value=data.draw(VALUES, label="value"))
+            if data.draw(st.sampled_from([False, False, True]), label="writer"):
+                self.do("spin", peer, region=region, page=0, mode="write",
+                        value=data.draw(VALUES, label="value"))
+            else:
+                self.do("spin", peer, region=region, page=0)
+            if region in m.regions and m.svcs[peer].spinner is not None:
+                self._cut(data, owner, region)
+
+        def move_access(self, data: st.DataObject) -> None:
+            """mremap a region to another place, then use a page of it (an untouched page
+            faults in there: with the vma's pkey)."""
+            got = self.pick_own_region(data)
+            assert got
+            n, r = got
+            self.do("mremap", n, region=r.name, how="move")
+            self.do("write", n, region=r.name, page=data.draw(
+                st.integers(0, max(0, r.pages - 1)), label="page"), pkru="own",
+                value=data.draw(VALUES, label="value"))
 
         def pair(self, data: st.DataObject) -> None:
             """Two services mapped both ways (a macro step: spawn, enable, request as needed)."""
@@ -302,6 +379,12 @@ def make_machine(session: Session, services: int) -> type[RuleBasedStateMachine]
                 ("cut_off", 4, bool(self.spun())),
                 ("crowd", 1, bool(self.crowdable())),
                 ("pair", 3, True),
+                ("fill", 1, not self.s.model.holders),
+                ("unfill", 1, bool(self.s.model.holders)),
+                ("drain", 3, bool(self.queued())),
+                ("move_access", 2, regions),
+                ("cow", 4, bool(self.writers())),
+                ("probe", 3, bool(self.s.model.pairs())),
             ]
             return [(name, w * self.factor.get(name, 1)) for name, w, can in table
                     if can and self.factor.get(name, 1)]
@@ -310,11 +393,14 @@ def make_machine(session: Session, services: int) -> type[RuleBasedStateMachine]
         def swarm(self, data: st.DataObject) -> None:
             """Swarm testing: each sequence favours some operations and leaves others out,
             which reaches deep states of a few kinds far more often than uniform choice."""
+            # in one sequence of three, dead keys are left queued (exit without reading
+            # them back): several pile up for a later read() with a small count
+            self.readback = data.draw(st.sampled_from([True, True, False]), label="read back")
             for op in SWARM:
                 core = op in ("spawn", "enable_default", "request_peer")
                 self.factor[op] = data.draw(st.sampled_from(
-                    [1, 3] if core else [0, 0, 0, 1] if op == "crowd" else [1, 3, 0]),
-                    label=f"swarm {op}")
+                    [1, 3] if core else [0, 0, 0, 1] if op in ("crowd", "fill")
+                    else [1, 3, 0]), label=f"swarm {op}")
 
         @precondition(lambda self: bool(self.choices()))
         @rule(data=st.data())

@@ -30,6 +30,8 @@ from testbed.designs.rpal.explore.steps import (
 )
 
 PAGE = 4096
+# steps the agent does itself, through no service (and spawn, which makes one)
+AGENT_OPS = ("spawn", "fill", "unfill")
 SLOT_SHIFT = 39
 FULL_PKRU = 0xFFFFFFFF
 
@@ -114,7 +116,8 @@ def access_outcomes(r: Region, page: int, write: bool, pkru: int
     allowed_prot = r.prot == "rw" or (r.prot == "r" and not write)
     allowed_key = pkru_allows(pkru, r.pkey, write)
     if allowed_prot and allowed_key:
-        return True, (ok(**({} if write else {"value": r.values[page]})),)
+        v = r.values[page]
+        return True, (ok(**({} if write or v is None else {"value": v})),)
     outs = []
     if not allowed_key:
         outs.append(segv(SEGV_PKUERR, r.pkey))
@@ -184,7 +187,7 @@ class Region:
     pages: int
     prot: str  # "rw" | "r" | "none"
     pkey: int
-    values: list[int]
+    values: list[int | None]  # None: unknown (a peer's write spinner keeps changing it)
     alive: bool = True
 
     @property
@@ -212,6 +215,7 @@ class Service:
     deadkeys: list[int] = field(default_factory=list)
     children: list[int] = field(default_factory=list)
     spinner: tuple[str, int, int] | None = None  # (region, page, tid) while one runs
+    spin_write: bool = False  # the spinner writes (else it reads)
     died_at: float | None = None
 
     @property
@@ -251,6 +255,7 @@ class Model:
         self.svcs: dict[str, Service] = {}  # name -> its latest life
         self.dead: list[Service] = []  # earlier lives and dead services
         self.regions: dict[str, Region] = {}
+        self.holders: list[int] = []  # ids held by the agent's holders (op fill)
         self._nregion = 0
         self._incarnation = 0
 
@@ -316,7 +321,7 @@ class Model:
         fn = getattr(self, f"_p_{step.op}", None)
         if fn is None:
             return Prediction(UNKNOWN)
-        if step.op != "spawn" and self.svc(step.svc) is None:
+        if step.op not in AGENT_OPS and self.svc(step.svc) is None:
             return Prediction(Expect("result", None, f"{step.svc} is not alive"))
         pred: Prediction = fn(step, now)
         return pred
@@ -329,8 +334,29 @@ class Model:
         if self.c.keys_consecutive and self.world.next_key is not None:
             f["key"] = self.world.next_key
         f["pkey"] = frozenset(i % 16 for i in cands)
+        taken = set(self.world.used) | set(self.world.held)
+        if all(i in taken for i in range(self.c.nr_ids)):
+            # every candidate is a dead service's id that may or may not be free yet
+            return Prediction(Expect("ids", (ok(**f), err("ENOSPC")),
+                                     f"an id among {sorted(cands)} if its delay is over, "
+                                     "else ENOSPC"))
         return Prediction(Expect("ids", (ok(**f),),
                                  f"first free id among {sorted(cands)}, the next key"))
+
+    def _p_fill(self, step: Step, now: float) -> Prediction:
+        """Registrations until none is free: every free id (those a dead service held past
+        its delay may or may not be free yet), then ENOSPC, and ENOSPC again: a refused
+        registration frees nothing."""
+        taken = set(self.world.used) | set(self.world.held)
+        sure = sum(1 for i in range(self.c.nr_ids) if i not in taken)
+        maybe = sum(1 for t in self.world.held.values() if now >= t)
+        return Prediction(Expect("ids", (ok(held=frozenset(range(sure, sure + maybe + 1)),
+                                            err="ENOSPC", again="ENOSPC"),),
+                                 f"{sure}{f'..{sure + maybe}' if maybe else ''} free ids, then "
+                                 "no free id: ENOSPC, twice"))
+
+    def _p_unfill(self, step: Step, now: float) -> Prediction:
+        return Prediction(Expect("result", (ok(killed=len(self.holders)),)))
 
     def _p_exec(self, step: Step, now: float) -> Prediction:
         s = self.svc(step.svc)
@@ -367,13 +393,19 @@ class Model:
             return refusals
         return [min(refusals, key=lambda r: order.index(r) if r in order else len(order))]
 
-    def _p_request(self, step: Step, now: float) -> Prediction:
+    def _caller_and_target(self, step: Step) -> tuple[Service, int, Service | None] | None:
+        """REQUEST's and RELEASE's caller, the key it passes, and the live service of that
+        key (None: no such service); None when the key can't be resolved."""
         s = self.svc(step.svc)
         assert s is not None
         key = self.resolve_key(step.args, s)
-        if key is None:
+        return None if key is None else (s, key, self.by_key(key))
+
+    def _p_request(self, step: Step, now: float) -> Prediction:
+        got = self._caller_and_target(step)
+        if got is None:
             return Prediction(UNKNOWN)
-        t = self.by_key(key)
+        s, key, t = got
         refusals = []
         if not s.enabled:
             refusals.append("request_not_enabled")
@@ -404,12 +436,10 @@ class Model:
                                  "mutual: now mapped" if mapped else "recorded"))
 
     def _p_release(self, step: Step, now: float) -> Prediction:
-        s = self.svc(step.svc)
-        assert s is not None
-        key = self.resolve_key(step.args, s)
-        if key is None:
+        got = self._caller_and_target(step)
+        if got is None:
             return Prediction(UNKNOWN)
-        t = self.by_key(key)
+        s, _, t = got
         if t is None or t.name not in s.requests:
             return Prediction(Expect("result", (err(self.c.errno["release_not_requested"]),)))
         flush = {s.name, t.name} if self.paired(s.name, t.name) else set()
@@ -558,7 +588,8 @@ class Model:
         if r is None or not r.alive:
             return Prediction(UNKNOWN)
         prot = str(step.args["prot"])
-        cut = self._cutoff_region(r, "gone") if prot == "none" else []
+        cut = self._cutoff_region(r, "gone") if prot == "none" else \
+            self._cutoff_region(r, "gone", writers_only=True) if prot == "r" else []
         return Prediction(Expect("result", (ok(),)), cutoff=cut)
 
     def _p_pkey_mprotect(self, step: Step, now: float) -> Prediction:
@@ -610,18 +641,31 @@ class Model:
         return Prediction(Expect("result", (ok(),)), cutoff=cut)
 
     def _p_fork(self, step: Step, now: float) -> Prediction:
-        return Prediction(Expect("result", (ok(),)))
+        """A fork write-protects the owner's pages for COW: a peer writing one of them must
+        lose its writable translation (its next write breaks the COW in the owner's mm),
+        so the child's copy stays as it was at the fork."""
+        cut = [(name, "cow") for r in self.live_regions(step.svc)
+               for name, _ in self._spinners_on(r) if self.svcs[name].spin_write]
+        return Prediction(Expect("result", (ok(),)), cutoff=cut)
 
     def _p_deadkeys(self, step: Step, now: float) -> Prediction:
+        """read() of `count` bytes (default 64 keys): as many queued keys as fit, never a
+        byte past count; fewer than 8 bytes is EINVAL."""
         s = self.svc(step.svc)
         assert s is not None
+        count = int(step.args.get("count", 64 * 8))
+        if count < 8:
+            return Prediction(Expect("exit", (err(self.c.errno["read_small_count"]),),
+                                     f"count {count} holds no key"))
         if not s.deadkeys:
-            return Prediction(Expect("exit", (ok(keys="none"),
+            return Prediction(Expect("exit", (ok(keys="none", over=0),
                                               err(self.c.errno["read_empty_nonblock"])),
                                      "no peer died"))
-        keys = ",".join(str(k) for k in s.deadkeys[:64])
-        return Prediction(Expect("exit", (ok(keys=keys),),
-                                 "keys of the dead services it requested or was requested by"))
+        n = min(count // 8, 64, len(s.deadkeys))
+        keys = ",".join(str(k) for k in s.deadkeys[:n])
+        return Prediction(Expect("exit", (ok(keys=keys, ret=8 * n, over=0),),
+                                 f"the first {n} keys of the dead services it requested or was "
+                                 f"requested by, {8 * n} bytes of count {count}"))
 
     def _p_poll(self, step: Step, now: float) -> Prediction:
         s = self.svc(step.svc)
@@ -634,10 +678,14 @@ class Model:
         assert a is not None
         if r is None or a.spinner is not None:
             return Prediction(UNKNOWN)
-        pred = self._peer_access(a, r, int(step.args.get("page", 0)), False, "open")
+        write = step.args.get("mode") == "write"
+        pred = self._peer_access(a, r, int(step.args.get("page", 0)), write, "open")
         if pred.expect.outcomes and pred.expect.outcomes[0].kind == "ok":
-            v = pred.expect.outcomes[0].fields["value"]
-            return Prediction(Expect("faults", (ok(first=v),), pred.expect.why))
+            # a reader's first read is the page's value, a writer's first write its value
+            v = int(step.args.get("value", 0)) if write else \
+                pred.expect.outcomes[0].fields.get("value")
+            return Prediction(Expect("faults", (ok(**({} if v is None else {"first": v})),),
+                                     pred.expect.why))
         return pred
 
     # ----- spinner cut-offs -----------------------------------------------------------------
@@ -646,11 +694,19 @@ class Model:
         return [(s.name, s.spinner[1]) for s in self.live()
                 if s.spinner is not None and s.spinner[0] == r.name]
 
-    def _cutoff_region(self, r: Region, kind: str) -> list[tuple[str, str]]:
+    def _cutoff_region(self, r: Region, kind: str, writers_only: bool = False
+                       ) -> list[tuple[str, str]]:
         # "zeroed" (DONTNEED: the fresh page reads 0) shows a stale read only where the
-        # page held something else
-        return [(name, kind) for name, page in self._spinners_on(r)
-                if kind != "zeroed" or (page < r.pages and r.values[page] != 0)]
+        # page held something else, and only to a reader
+        out = []
+        for name, page in self._spinners_on(r):
+            writer = self.svcs[name].spin_write
+            if writers_only and not writer:
+                continue
+            if kind == "zeroed" and (writer or page >= r.pages or r.values[page] in (0, None)):
+                continue
+            out.append((name, kind))
+        return out
 
     def _cutoff_of_owner(self, owner: str, _: Any) -> list[tuple[str, str]]:
         return [(name, "gone") for r in self.live_regions(owner)
@@ -729,12 +785,16 @@ class Model:
         for r in self.live_regions(s.name):
             r.alive = False
         self.world.used.pop(s.id, None)
+        self._hold_id(s.id, now)
+        self.dead.append(s)
+
+    def _hold_id(self, i: int, now: float) -> None:
+        """A dead registration's id: reused only after the delay."""
         if self.c.id_free_delay_ms is not None:
-            self.world.held[s.id] = now + max(
+            self.world.held[i] = now + max(
                 0, self.c.id_free_delay_ms - self.c.id_delay_tolerance_ms) / 1000
         else:
-            self.world.held[s.id] = float("inf")
-        self.dead.append(s)
+            self.world.held[i] = float("inf")
 
     def _a_enable(self, step: Step, a: AnswerLike, now: float) -> None:
         s = self.svc(step.svc)
@@ -835,12 +895,21 @@ class Model:
         r = self._region(step)
         if r is not None and a.kind == "ok":
             r.values = [int(step.args.get("value", 0))] * r.pages
+            self._unknown_spun(r)
 
     def _a_write(self, step: Step, a: AnswerLike, now: float) -> None:
         r = self._region(step)
         page = int(step.args.get("page", 0))
         if r is not None and a.kind == "ok" and 0 <= page < r.pages:
             r.values[page] = int(step.args.get("value", 0))
+            self._unknown_spun(r)
+
+    def _unknown_spun(self, r: Region) -> None:
+        """A page a write spinner writes has no value the model can know."""
+        for s in self.live():
+            if s.spinner is not None and s.spin_write and s.spinner[0] == r.name \
+                    and s.spinner[1] < r.pages:
+                r.values[s.spinner[1]] = None
 
     def _a_munmap(self, step: Step, a: AnswerLike, now: float) -> None:
         r = self._own_region(step)
@@ -848,9 +917,10 @@ class Model:
             r.alive = False
             self._stop_spinners_on(r)
 
-    def _stop_spinners_on(self, r: Region) -> None:
+    def _stop_spinners_on(self, r: Region, writers_only: bool = False) -> None:
         for s in self.live():
-            if s.spinner is not None and s.spinner[0] == r.name:
+            if s.spinner is not None and s.spinner[0] == r.name \
+                    and (s.spin_write or not writers_only):
                 s.threads.pop(s.spinner[2], None)  # its thread faults and ends
                 s.spinner = None
 
@@ -860,6 +930,8 @@ class Model:
             r.prot = str(step.args["prot"])
             if r.prot == "none":
                 self._stop_spinners_on(r)
+            elif r.prot == "r":
+                self._stop_spinners_on(r, writers_only=True)
 
     def _a_pkey_mprotect(self, step: Step, a: AnswerLike, now: float) -> None:
         r = self._own_region(step)
@@ -894,6 +966,7 @@ class Model:
         if r is not None and a.kind == "ok" and step.args.get("advice") == "dontneed":
             r.values = [0] * r.pages
             self._stop_spinners_on(r)
+            self._unknown_spun(r)
 
     def _a_fork(self, step: Step, a: AnswerLike, now: float) -> None:
         s = self.svc(step.svc)
@@ -909,12 +982,41 @@ class Model:
         n = 0 if got in ("none", "") else len(got.split(","))
         del s.deadkeys[:n]
 
+    def _a_fill(self, step: Step, a: AnswerLike, now: float) -> None:
+        if a.kind != "ok":
+            return
+        got = a.fields.get("ids", "none")
+        ids = [int(x) for x in got.split(",") if x.isdigit()] if got != "none" else []
+        again = a.get_int("again_id")
+        if again is not None:
+            ids.append(again)
+        for i in ids:
+            self.world.used[i] = "(holder)"
+            self.world.held.pop(i, None)
+        self.holders += ids
+        key = a.get_int("last_key")
+        if key is not None:
+            self.world.next_key = key + 1
+
+    def _a_unfill(self, step: Step, a: AnswerLike, now: float) -> None:
+        if a.kind != "ok":
+            return
+        for i in self.holders:
+            if self.world.used.get(i) == "(holder)":
+                self.world.used.pop(i)
+            self._hold_id(i, now)
+        self.holders = []
+
     def _a_spin(self, step: Step, a: AnswerLike, now: float) -> None:
         s = self.svc(step.svc)
         tid = a.get_int("tid")
         if s is not None and a.kind == "ok" and tid is not None:
             s.spinner = (str(step.args["region"]), int(step.args.get("page", 0)), tid)
+            s.spin_write = step.args.get("mode") == "write"
             s.threads[tid] = 0  # it WRPKRUs the open PKRU once
+            r = self._region(step)
+            if r is not None:
+                self._unknown_spun(r)
 
     def spinner_done(self, name: str) -> None:
         s = self.svc(name)

@@ -123,21 +123,34 @@ def snapshot_findings(snap: Snapshot, model: Model, step: int) -> list[Finding]:
 
 def tlb_step_findings(before: Snapshot, after: Snapshot, model_before: Facts,
                       model: Model, pred: Prediction, pids: dict[str, int], step: int,
-                      actor: str) -> list[Finding]:
+                      actor: str, initiator: str | None = None) -> list[Finding]:
     """TLB generations across one step: propagation to peers, and the flushes it must do.
 
     Propagation is judged for the acting service only: its page tables are the ones the
     step changed, so a flush of its mm must reach every peer mapped before and after.
     (A peer's generation also moves when the actor's flush reaches it; that flush need
     not go on to the peer's own peers, which do not map the actor's slot.)
+
+    `initiator`: the service that did the step when the actor is another (an access to a
+    peer's page changes the peer's tables). When the initiator is mapped with the actor
+    and its own generation moved too (a spinner's thread stack, say), the actor's move
+    may be the initiator's flush reaching it, which need not go on to the actor's other
+    peers: propagation is then not judged for that step.
     """
     ctx = Ctx("explore", f"step {step}")
     out: list[Finding] = []
     after_facts = model_facts(model)
     both = frozenset(p for p in model_before.pairs if p in after_facts.pairs and actor in p)
+    if initiator is not None and initiator != actor \
+            and frozenset((initiator, actor)) in model_before.pairs:
+        pid = pids.get(initiator)
+        m0 = before.mm_of(pid) if pid is not None else None
+        m1 = after.mm_of(pid) if pid is not None else None
+        if m0 is None or m1 is None or m1.tlb_gen != m0.tlb_gen:
+            both = frozenset()
     if both:
         facts = Facts({r: after_facts.services[r] for p in both for r in p}, both)
-        out += check_tlb_propagation(before, after, facts, ctx)
+        out += check_tlb_propagation(before, after, facts, ctx, owners=frozenset({actor}))
     for name in sorted(pred.flush):
         pid = pids.get(name)
         if pid is None:

@@ -29,6 +29,7 @@ from testbed.snapshot.model import Snapshot
 # proof (the second one began after the cut-off returned).
 SPIN_PROOF = 2
 SPIN_SETTLE_S = 0.005  # let the spinner run a little after arm before stopping it
+COW_READS, COW_GAP_S = 3, 0.02  # the fork child's reads of a page a peer keeps writing
 ID_FREE_SLACK_S = 0.1  # how late the delayed work that frees an id may run
 
 
@@ -106,6 +107,17 @@ class Session:
     def reset(self) -> None:
         """Kill every service of the previous sequence; a fresh model on the same world."""
         t0 = time.perf_counter()
+        # the agent's holders go (also any the model lost track of, e.g. after a fill
+        # whose answer it could not read)
+        a = self.agent.call("unfill")
+        unfilled = a.kind == "ok" and bool(a.get_int("killed"))
+        if a.kind == "ok":
+            if a.get_int("killed") != len(self.model.holders):
+                self.model.holders = []
+                for i in range(self.choices.nr_ids):
+                    if i not in self.world.used:
+                        self.model._hold_id(i, self.clock())
+            self.model._a_unfill(Step("unfill", "-"), a, self.clock())
         for s in self.model.live():
             for child in s.children:  # fork children are no services: they would linger
                 self.agent.call("childexit", svc=s.name, child=child)
@@ -113,13 +125,16 @@ class Session:
             if a.kind == "ok":
                 self.model._die(s, self.clock())
         self._wait_gone()
-        self._wait_ids_free()
+        self._wait_ids_free(force=unfilled)  # after a fill, always: nearly no id is free
         if not self.wait_ids:
             # not waited for: an id held by the previous sequence may or may not be free
             # now. Judging its reuse would blame this sequence for what the last one did
             # (and not reproduce); early reuse is judged within a sequence.
             for i in self.world.held:
                 self.world.held[i] = 0.0
+        # every WARN_ON_ONCE armed again: a replay (shrinking) shows the warning again.
+        # A kernel without debugfs answers err; its warnings then show once per boot.
+        self.agent.call("clearwarn")
         self.agent.events()
         self.model = Model(self.choices, self.world)
         self.trace = []
@@ -128,13 +143,14 @@ class Session:
             self.console.new_lines()
         self.seconds_reset += time.perf_counter() - t0
 
-    def _wait_ids_free(self) -> None:
+    def _wait_ids_free(self, force: bool = False) -> None:
         """Every sequence starts with the same ids free, so that it runs the same again.
 
         The kernel frees a dead service's id after its delay; wait until the latest
         death is past that, with a margin for the delayed work.
         """
-        if not self.wait_ids or not self.world.held or self.choices.id_free_delay_ms is None:
+        if not (self.wait_ids or force) or not self.world.held \
+                or self.choices.id_free_delay_ms is None:
             return
         until = max(self.world.held.values()) + (
             self.choices.id_delay_tolerance_ms / 1000 + ID_FREE_SLACK_S)
@@ -159,6 +175,10 @@ class Session:
         out: dict[str, Any] = {"svc": step.svc}
         s = m.svc(step.svc)
         op = step.op
+        if op in ("fill", "unfill"):  # the agent's own: no service
+            if op == "fill" and m.holders or op == "unfill" and not m.holders:
+                return None
+            return {}
         if (s is None) != (op == "spawn"):
             return None  # acting through a service that is not alive, or spawning a live one
         if op in ("request", "release"):
@@ -174,6 +194,9 @@ class Session:
             return out
         if op in ("pkey_free",):
             out["pkey"] = int(a["pkey"])
+            return out
+        if op == "deadkeys" and "count" in a:
+            out["count"] = int(a["count"])
             return out
         if op in ("spawn", "exit", "exec", "thread", "fork", "signal", "deadkeys", "poll",
                   "pkey_alloc"):
@@ -198,6 +221,8 @@ class Session:
                 out["pkru"] = 0
             if op == "spin":
                 out["cpu"] = 1
+                if a.get("mode") == "write":
+                    out.update(mode="write", value=int(a.get("value", 0)))
         elif op == "write":
             out.update(addr=addr, value=int(a.get("value", 0)))
             if a.get("pkru", "own") == "open":
@@ -337,6 +362,10 @@ class Session:
             self._call(rec, "spinstop", svc=step.svc)
             a = self._call(rec, step.op, **args)
         rec.answer = a.text() if rec.step == step else f"{step.text()} -> {a.text()}"
+        if a.kind == "err" and verdict_allows(pred, a):
+            # a refusal the model allows changed nothing: no flush, no cut-off to judge
+            # (an exec refused for want of an id, say)
+            pred.flush, pred.cutoff = set(), []
         if a.kind == "bad":
             raise AgentBroken(f"the agent refused {rec.sent[-1]!r}: {a.text()}")
         findings: list[Finding] = []
@@ -370,7 +399,7 @@ class Session:
             findings += oracles.snapshot_findings(snap, m, index)
             if self.last_snap is not None:
                 findings += oracles.tlb_step_findings(self.last_snap, snap, facts_before, m,
-                                                      pred, pids, index, actor)
+                                                      pred, pids, index, actor, step.svc)
             self.last_snap = snap
         if self.console is not None:
             findings += self.console.findings(index)
@@ -429,6 +458,20 @@ class Session:
             for s in self.model.live():
                 if step.op == "exec" and s.name == step.svc:
                     continue
+                if not int(step.args.get("readback", 1)):
+                    # the queues are left to grow (a later read() with a small count
+                    # sees several keys); poll() says whether there are any
+                    a = self._call(rec, "poll", svc=s.name)
+                    want_poll = 1 if s.deadkeys else 0
+                    if a.kind != "ok" or a.get_int("pollin") != want_poll:
+                        out.append(oracles.finding(
+                            "exit", False,
+                            f"after {step.text()}: poll() of {s.name}'s /proc/rpal says "
+                            f"{a.text()}, the model expects pollin={want_poll} (keys of the "
+                            "dead it requested or was requested by)", index, s.name,
+                            got=a.text(), expected=f"pollin={want_poll}"))
+                        break
+                    continue
                 want = ",".join(str(k) for k in s.deadkeys[:64]) or "none"
                 a = self._call(rec, "deadkeys", svc=s.name)
                 got = a.fields.get("keys", "none") if a.kind == "ok" else \
@@ -457,6 +500,8 @@ class Session:
         name, kind = cutoff
         if self.model.svc(name) is None:
             return []
+        if kind == "cow":
+            return self._judge_cow(name, rec, index)
         self._call(rec, "arm", svc=name)
         time.sleep(SPIN_SETTLE_S)
         a = self._call(rec, "spinstop", svc=name)
@@ -474,6 +519,37 @@ class Session:
             f"{name}'s spinner after {rec.step.text()} returned: {witness} {what}"
             + (" (the spinner hung)" if hung else ""),
             index, name, spinstop=a.text())]
+
+    def _judge_cow(self, name: str, rec: Record, index: int) -> list[Finding]:
+        """After the owner's fork, with `name` writing one of its pages on the other CPU:
+        the fork child's copy of the page must stay as it was at the fork. A value that
+        changes is a write of the peer through a writable translation the fork's flush
+        did not take away, into the page the child now shares."""
+        x = self.model.svc(name)
+        assert x is not None and x.spinner is not None
+        r = self.model.regions.get(x.spinner[0])
+        owner = self.model.svc(r.owner) if r is not None else None
+        if r is None or owner is None or not owner.children:
+            return []
+        page = x.spinner[1]
+        child, addr = owner.children[-1], r.addr + page * PAGE
+        self._call(rec, "arm", svc=name)
+        values = []
+        for _ in range(COW_READS):
+            time.sleep(COW_GAP_S)
+            a = self._call(rec, "childread", svc=owner.name, child=child, addr=addr, pkru=0)
+            values.append(a.fields.get("value") if a.kind == "ok" else a.text())
+        stop = self._call(rec, "spinstop", svc=name)
+        self.model.spinner_done(name)
+        writes = stop.get_int("after") or 0
+        frozen = len(set(values)) == 1
+        return [oracles.finding(
+            "tlb_shootdown", frozen,
+            f"{owner.name}'s fork child read {r.name} page {page} {COW_READS} times "
+            f"while {name} kept writing it ({writes} writes after the fork): "
+            + ("unchanged" if frozen else f"it changed: {', '.join(map(str, values))} (the "
+               "peer wrote through a stale writable translation into the page the child "
+               "shares)"), index, name, values=values, spinstop=stop.text())]
 
     def replay(self, steps: list[Step]) -> None:
         for st in steps:
@@ -496,6 +572,10 @@ def _rank(f: Finding) -> float:
         if f.check in ("faults", "isolation"):
             return 1.5  # an access: what the page tables show explains it better
     return _RANK.get(f.check, 5)
+
+
+def verdict_allows(pred: Prediction, a: AnswerLike) -> bool:
+    return pred.expect.judge(a) is True
 
 
 def _fmt(key: str, v: Any) -> str:
