@@ -33,9 +33,10 @@ def _registrars() -> list[Registrar]:
     from testbed import run_commands
 
     regs.append(run_commands.add_parsers)
-    from testbed.report import merge as report_merge
+    # `testbed report RUN_DIR` (judge) and `testbed report merge` (report/merge.py)
+    from testbed.report import cli as report_cli
 
-    regs.append(report_merge.add_parser)
+    regs.append(report_cli.add_parser)
     from testbed.designs.rpal.explore import cli as explore_cli
 
     regs.append(explore_cli.add_parser)
@@ -96,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from testbed.report.cli import route
+
     parser = build_parser()
     try:  # shell completion (activate with: eval "$(register-python-argcomplete testbed)")
         import argcomplete
@@ -103,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argcomplete.autocomplete(parser)
     except ImportError:  # pragma: no cover - a declared dependency
         pass
-    args = parser.parse_args(argv)
+    args = parser.parse_args(route(sys.argv[1:] if argv is None else argv))
     from testbed.progress import set_verbosity
 
     set_verbosity(1 if args.verbose else -1 if args.quiet else 0)

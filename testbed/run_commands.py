@@ -22,6 +22,7 @@ from testbed.designs import DEFAULT_DESIGN, Design, get_design
 from testbed.errors import EXIT_TESTBED_ERROR, UsageError
 from testbed.progress import Progress, log_line, verbosity
 from testbed.report.common import RunMeta, case_counts
+from testbed.reproduce import resolve_kernel_spec
 from testbed.runner import (
     DEFAULT_MODES,
     MODES,
@@ -38,6 +39,7 @@ from testbed.runner import (
     run_all,
 )
 from testbed.selection import parse_keyword, parse_shard
+from testbed.snapshot.memdump import DEFAULT_MAX_MIB, DumpPolicy
 
 
 def _design(args: argparse.Namespace) -> Design:
@@ -54,7 +56,7 @@ def guest_spec(args: argparse.Namespace) -> tuple[GuestSpec, dict[str, float]]:
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     if args.kernel is not None:
-        kernel = resolve_kernel(args.kernel)
+        kernel = resolve_kernel_spec(args.kernel, getattr(args, "kernel_series", None))
     else:
         from testbed.build.kernel import build_kernel
 
@@ -71,8 +73,14 @@ def guest_spec(args: argparse.Namespace) -> tuple[GuestSpec, dict[str, float]]:
     accel = resolve_accel(args.accel, modes[0].paging, kernel, image.path)
     print(f"testbed: {accel.describe()}", file=sys.stderr)
     spec = GuestSpec(kernel=kernel, initrd=image.path, accel=accel, paging=modes[0].paging,
-                     pti=modes[0].pti, append=args.append)
+                     pti=modes[0].pti, append=args.append, dump=dump_policy(args))
     return spec, timings
+
+
+def dump_policy(args: argparse.Namespace) -> DumpPolicy:
+    """--no-dump / --dump-max-mib (commands without them take no dumps)."""
+    return DumpPolicy(enabled=not getattr(args, "no_dump", True),
+                      max_mib=getattr(args, "dump_max_mib", DEFAULT_MAX_MIB))
 
 
 def dry_run_spec(args: argparse.Namespace) -> tuple[GuestSpec, list[str]]:
@@ -143,6 +151,8 @@ def check_usage(args: argparse.Namespace) -> None:
         raise UsageError(f"--repeat {args.repeat}: must be 1 or more")
     if args.parallel < 1:
         raise UsageError(f"--parallel {args.parallel}: must be 1 or more")
+    if getattr(args, "dump_max_mib", 1) < 1:
+        raise UsageError(f"--dump-max-mib {args.dump_max_mib}: must be 1 or more")
 
 
 def _meta(spec: GuestSpec, bugs: tuple[str, ...], started: float, timings: dict[str, float],
@@ -522,6 +532,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help=f"bzImage with vmlinux or System.map beside it, or a cached build's "
                         f"key (default: the "
                         f"{design.kernel_series} reference kernel, built or from the cache)")
+    p.add_argument("--kernel-series", metavar="NAME",
+                   help="with --kernel KEY: build this series when the cache lacks KEY "
+                        "(how reproduce.sh names its kernel)")
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
     p.add_argument("--modes", metavar="M,M",
                    help=f"paging modes to run the scenarios in, of {', '.join(MODES)} "
@@ -572,6 +585,14 @@ def add_parsers(sub: Any) -> None:
                    help="start no further scenario after the first that did not pass")
     p.add_argument("--junit", type=Path, metavar="FILE", help="JUnit XML report")
     p.add_argument("--html", type=Path, metavar="FILE", help="HTML report with the slot picture")
+    p.add_argument("--no-dump", action="store_true",
+                   help="keep no memory dump: by default, when a host check fails at a "
+                        "checkpoint, the guest's memory at that moment is kept in the "
+                        "scenario's run folder (memory-CHECKPOINT.elf, dump.json; open it "
+                        "with `testbed inspect --dump RUN_DIR`)")
+    p.add_argument("--dump-max-mib", type=int, default=DEFAULT_MAX_MIB, metavar="MIB",
+                   help=f"no dump of a guest with more RAM than this (default "
+                        f"{DEFAULT_MAX_MIB}; a dump is as large as the guest's RAM)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(

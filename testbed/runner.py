@@ -22,12 +22,19 @@ from typing import Any
 from testbed import paths
 from testbed.boot.hostcaps import Accel
 from testbed.boot.machine import Checkpoint, Machine, MachineConfig, stop_all_guests
-from testbed.check.kernel_log import check_kernel_log
-from testbed.check.model import Finding, ScenarioResult, Status, missing_checks
+from testbed.check.model import ScenarioResult, Status, missing_checks
 from testbed.designs import Design, Scenario, get_design
 from testbed.errors import Interrupted, TestbedError, UsageError
 from testbed.progress import Progress
-from testbed.snapshot.live import LiveSnapshotter, write_snapshot
+from testbed.reproduce import PRELUDE, PROGRAM, exec_line, kernel_args
+from testbed.rundir import (
+    ScenarioRecord,
+    judge_scenario,
+    kernel_log_findings,
+    save_snapshot,
+)
+from testbed.snapshot.live import LiveSnapshotter
+from testbed.snapshot.memdump import DumpPolicy, FailureDump
 from testbed.snapshot.model import Snapshot, Trigger
 
 WORKLOAD_TIMEOUT = 300.0
@@ -94,6 +101,7 @@ class GuestSpec:
     append: str = ""
     boot_timeout: float = 180.0
     extra: dict[str, Any] = field(default_factory=dict)
+    dump: DumpPolicy = DumpPolicy()  # the guest's memory at the first failing checkpoint
 
 
 def guest_script(workloads: tuple[str, ...]) -> str:
@@ -171,9 +179,9 @@ def bugs_in_effect(m: Machine, design: Design) -> tuple[str, ...]:
 
 
 def _testbed_program() -> str:
-    """How to call this testbed again: the console script beside this Python, else `testbed`."""
-    script = Path(sys.executable).with_name("testbed")
-    return str(script) if script.exists() else "testbed"
+    """How a reproducer calls the testbed: `testbed`, as PRELUDE resolves it ($TESTBED, PATH
+    or python3 -m testbed); never this machine's path (testbed/reproduce.py)."""
+    return PROGRAM
 
 
 def reproduce_commands(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...]
@@ -185,7 +193,7 @@ def reproduce_commands(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...]
     `testbed boot` of the same guest, to run the workloads by hand.
     """
     prog = _testbed_program()
-    guest = ["--kernel", str(spec.kernel), "--accel", spec.accel.accel,
+    guest = [*kernel_args(spec.kernel), "--accel", spec.accel.accel,
              "--paging", str(spec.paging), "--pti", spec.pti]
     run = [prog, "run", sc.name.split("@")[0], *guest]
     for b in bugs:
@@ -212,14 +220,17 @@ def write_reproducer(run_dir: Path, sc: Scenario, spec: GuestSpec, bugs: tuple[s
     by_hand = (f"then, in the guest: {'; '.join(sc.workloads)}" if sc.workloads
                else f"then: {_testbed_program()} selftest {sc.selftest} with the same options")
     comment = [
-        f"Scenario {sc.name} (bugs: {', '.join(bugs) or 'none'}) as testbed ran it into",
-        f"{run_dir}.",
-        "Runs it again with its checks and reports. To work in the same guest by hand:",
+        f"Scenario {sc.name} (bugs: {', '.join(bugs) or 'none'}) as testbed ran it (its run "
+        "folder: where this script is).",
+        "Runs it again with its checks and reports. A kernel named by cache key is rebuilt "
+        "from its series when this machine's cache lacks it. The testbed: $TESTBED, else "
+        "`testbed` on PATH, else `python3 -m testbed` (from the project's checkout).",
+        "To work in the same guest by hand:",
         f"  {shlex.join(boot)}",
         f"  {by_hand}",
     ]
-    text = "\n".join(["#!/bin/sh", *_comment_lines(comment),
-                      f"exec {shlex.join(run)} \"$@\"", ""])
+    text = "\n".join(["#!/bin/sh", *_comment_lines(comment), *PRELUDE,
+                      exec_line(run[1:]), ""])
     path = run_dir / "reproduce.sh"
     path.write_text(text)
     path.chmod(0o755)
@@ -253,23 +264,38 @@ def run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], parent: P
     design = get_design(sc.design)
     cfg = machine_config(sc, spec, bugs)
     result = ScenarioResult(name, [], str(run_dir), bugs, design=design.name)
+    record = ScenarioRecord(name, sc.name, design.name, bugs,
+                            mode=mode.name if mode is not None else "", paging=spec.paging,
+                            pti=spec.pti, workloads=sc.workloads,
+                            kernel={"path": str(spec.kernel), **kernel_identity(spec.kernel)})
     try:
-        _run_scenario(sc, spec, bugs, run_dir, cfg, result, design)
+        _run_scenario(sc, spec, bugs, run_dir, cfg, result, design, record)
     finally:
         result.seconds = round(time.monotonic() - t0, 2)
         (run_dir / "findings.json").write_text(
             json.dumps([f.to_dict() for f in result.findings], indent=1) + "\n"
         )
+        record.error, record.seconds = result.error, result.seconds
+        record.write(run_dir)
         result.evidence = evidence_files(run_dir, result)
         if not result.passed:
             result.console_tail = console_tail(run_dir / "console.log")
     return result
 
 
+def kernel_identity(kernel: Path) -> dict[str, str]:
+    """The cache key and series of a cached kernel build ({} for another kernel)."""
+    from testbed.snapshot.memdump import kernel_files
+
+    info = kernel_files(kernel)
+    return {k: info[v] for k, v in (("key", "kernel_key"), ("series", "kernel_series"))
+            if info.get(v)}
+
+
 # What a reader opens first in a scenario's run folder, in this order (name, glob).
 EVIDENCE = (("console", "console.log"), ("snapshots", "snapshots"),
             ("findings", "findings.json"), ("reproduce", "reproduce.sh"),
-            ("replay", "failure-*.sh"), ("error", "error.txt"))
+            ("replay", "failure-*.sh"), ("dump", "memory-*.elf"), ("error", "error.txt"))
 
 
 def evidence_files(run_dir: Path, result: ScenarioResult | None = None) -> dict[str, str]:
@@ -316,8 +342,36 @@ def _check_bugs(m: Machine, bugs: tuple[str, ...], design: Design) -> None:
             f"kernel's {design.bug_param}= names", run_dir=m.run_dir)
 
 
+def failing_at(design: Design, snapshots: Sequence[Snapshot], sc: Scenario, checkpoint: str
+               ) -> list[str]:
+    """The host checks that fail at `checkpoint` (the last of `snapshots`), as lines."""
+    return [f"{f.check}: {f.message}" for f in design.judge_snapshots(snapshots, sc)
+            if f.status is Status.FAIL and f.checkpoint == checkpoint]
+
+
+def _dump_hook(dumper: FailureDump | None, design: Design, snapshots: list[Snapshot],
+               sc: Scenario, record: ScenarioRecord) -> Callable[[Snapshot], None] | None:
+    """What to do while the guest is paused for a checkpoint's snapshot: judge it with the
+    snapshots before it and, at the first failing checkpoint, keep the guest's memory."""
+    if dumper is None or dumper.taken:
+        return None
+
+    def hook(snap: Snapshot) -> None:
+        try:
+            why = failing_at(design, [*snapshots, snap], sc, snap.name)
+        except Exception as exc:  # noqa: BLE001 - judged again after the run, where it counts
+            why, dumper.taken = [], True
+            print(f"testbed: judging {sc.name} at {snap.name} for a dump failed: {exc!r}",
+                  file=sys.stderr)
+        if why:
+            record.dump = dumper.take(snap.name, why)
+
+    return hook
+
+
 def _run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], run_dir: Path,
-                  cfg: MachineConfig, result: ScenarioResult, design: Design) -> None:
+                  cfg: MachineConfig, result: ScenarioResult, design: Design,
+                  record: ScenarioRecord) -> None:
     name = result.scenario
     result.reproduce = str(write_reproducer(run_dir, sc, spec, bugs))
     snapshots: list[Snapshot] = []
@@ -325,28 +379,41 @@ def _run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], run_dir:
     snapper: LiveSnapshotter | None = None
     special = design.extra.get("scenario_runners", {}).get(sc.name)
     if special is not None:  # a scenario the design runs its own way (RPAL: explore)
+        record.kind = "special"
         special(sc, spec, bugs, run_dir, result)
         result.findings += kernel_log_findings(run_dir / "console.log", name)
         return
-    machine: Machine | None = None
-    try:
-        machine = Machine(cfg, run_dir)
-        if sc.selftest:
+    machine = Machine(cfg, run_dir)
+    if sc.selftest:
+        record.kind = "selftest"
+        try:
             _run_selftest(sc, machine, result, bugs, design)
-            return
+        except TestbedError as exc:
+            result.error = exc.one_line()
+        finally:
+            result.findings += kernel_log_findings(machine.console_log, name)
+        return
+    named = replace(sc, name=name)
+    try:
         with machine as m:
             assert m.qmp is not None
             _check_bugs(m, bugs, design)
             snapper = LiveSnapshotter(m.qmp, m.ram_path, spec.kernel)
+            dumper = (FailureDump(m.qmp, run_dir, spec.dump, cfg.mem_mib, spec.kernel)
+                      if spec.dump.enabled else None)
 
             def on_checkpoint(ck: Checkpoint) -> None:
                 assert snapper is not None
-                snap = snapper.capture(ck.name, Trigger(ck.name, ck.pid, ck.tid, dict(ck.facts)))
-                write_snapshot(snap, run_dir / "snapshots", ck.name)
+                hook = _dump_hook(dumper, design, snapshots, named, record)
+                snap = snapper.capture(ck.name, Trigger(ck.name, ck.pid, ck.tid, dict(ck.facts)),
+                                       while_paused=hook)
+                record.snapshots.append(save_snapshot(snap, run_dir, record.snapshots))
                 snapshots.append(snap)
 
             m.on_checkpoint = on_checkpoint
             res = m.run(guest_script(sc.workloads), timeout=WORKLOAD_TIMEOUT, label=sc.name)
+            if m.last_stdout is not None:
+                record.output_file = m.last_stdout.name
             text = res.stdout.decode(errors="replace")
             result.output = text
             for w, (out, status) in zip(sc.workloads, split_output(text, len(sc.workloads)),
@@ -357,37 +424,9 @@ def _run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], run_dir:
     finally:
         if snapper is not None:
             snapper.close()
-        if machine is not None:
-            result.findings += kernel_log_findings(machine.console_log, name)
-    # a refused or failed checkpoint is a finding of its own, whatever became of the command
-    for entry in machine.checkpoint_log if machine is not None else ():
-        if "error" in entry:
-            result.findings.append(Finding(
-                "snapshot", Status.ERROR, f"snapshot at {entry.get('name', '?')} failed: "
-                f"{entry['error']}", name, str(entry.get("name", "")),
-            ))
-    result.findings += design.judge(snapshots, replace(sc, name=name), outputs)
-    if not result.error:
-        result.findings += missing_checks(sc.checks, result.findings, scenario=name)
+    result.findings += judge_scenario(design, named, snapshots, outputs, machine.checkpoint_log,
+                                      machine.console_log, result.error)
     result.snapshots = {s.name: s for s in snapshots}
-
-
-CONSOLE_SCAN_LIMIT = 32 << 20  # bytes of a console log the kernel_log check reads
-
-
-def kernel_log_findings(console_log: Path, scenario: str) -> list[Finding]:
-    """The kernel_log check over a guest's console log (an error when it can't be read).
-
-    The guest controls how much it prints: at most CONSOLE_SCAN_LIMIT bytes are read.
-    """
-    try:
-        with open(console_log, "rb") as f:
-            data = f.read(CONSOLE_SCAN_LIMIT)
-        text: str | None = data.decode(errors="replace")
-        why = ""
-    except OSError as exc:
-        text, why = None, f"{console_log}: {exc.strerror}"
-    return list(check_kernel_log(text, scenario=scenario, why_missing=why))
 
 
 def _run_selftest(sc: Scenario, machine: Machine, result: ScenarioResult,

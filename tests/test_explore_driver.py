@@ -97,7 +97,19 @@ def test_failure_files_and_replay(tmp_path: Path) -> None:
     doc = json.loads(jpath.read_text())
     assert doc["check"] == "keys" and doc["schema"] == "testbed.explore.failure"
     script = spath.read_text()
-    assert "request" in script and "--replay" in script and str(jpath) in script
+    assert "request" in script and "--replay" in script
+    # portable: the failure file beside the script, the testbed as $TESTBED
+    assert f'--replay "$HERE"/{jpath.name} "$@"' in script and str(tmp_path) not in script
+    import shutil
+    import subprocess
+
+    moved = tmp_path / "copy"
+    moved.mkdir()
+    shutil.copy(spath, moved / spath.name)
+    out = subprocess.run(["sh", str(moved / spath.name), "--x"], capture_output=True,
+                         text=True, env={"TESTBED": "echo", "PATH": "/usr/bin:/bin"},
+                         check=True).stdout
+    assert out == f"explore --replay {moved / jpath.name} --x\n"
     steps, m = load_failure(jpath)
     assert len(steps) == len(res.failure.steps)
     again = replay(session({"same_pkey"}), steps)

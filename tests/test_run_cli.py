@@ -7,6 +7,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,7 +82,8 @@ def test_failed_run_names_a_reproducer_that_fails_the_same_way(
 
     again = tmp_path / "again"
     rep = subprocess.run(["sh", m.group(1), "--run-dir", str(again)], capture_output=True,
-                         text=True, timeout=600, env={**os.environ, "TESTBED_PROGRESS": "0"})
+                         text=True, timeout=600, env={**os.environ, "TESTBED_PROGRESS": "0",
+                                                      "TESTBED": f"{sys.executable} -m testbed"})
     assert rep.returncode == 1, rep.stdout + rep.stderr
     report2 = json.loads((again / "report.json").read_text())
     assert report2["scenarios"][0]["bugs"] == ["same_pkey"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from dataclasses import replace
 from pathlib import Path
@@ -84,7 +85,11 @@ def test_a_newline_in_an_argument_cannot_end_a_reproducer_comment(tmp_path: Path
     path = write_reproducer(tmp_path, SCENARIOS["pair"], replace(SPEC, append=evil), ())
     lines = path.read_text().splitlines()
     first_exec = next(i for i, ln in enumerate(lines) if ln.startswith("exec "))
-    assert all(ln.startswith("#") for ln in lines[1:first_exec]), lines
+    from testbed.reproduce import PRELUDE
+
+    # comments, then the fixed prelude (nothing of the run in it)
+    assert lines[first_exec - len(PRELUDE):first_exec] == list(PRELUDE)
+    assert all(ln.startswith("#") for ln in lines[1:first_exec - len(PRELUDE)]), lines
     subprocess.run(["sh", "-n", str(path)], check=True)
     # what comes before the exec is only comments: running it as shell does nothing
     subprocess.run(["sh", "-c", "\n".join(lines[:first_exec])], check=True)
@@ -104,3 +109,67 @@ def test_exit_status_tells_a_failed_check_from_a_run_that_could_not_judge() -> N
     assert run_status([ok, bad, err]) == 1  # a failed check wins
     assert run_status([ok, err]) == 125
     assert run_status([broken]) == 125
+
+
+def test_reproducer_is_portable(tmp_path: Path) -> None:
+    """reproduce.sh names a cached kernel by key and series, no path of this machine; copied
+    elsewhere it runs the same command (a fake $TESTBED prints it)."""
+    import shutil
+    import subprocess
+
+    key = "0123456789abcdef01234567"
+    kdir = tmp_path / "cache" / "kernels" / key
+    kdir.mkdir(parents=True)
+    (kdir / "bzImage").write_bytes(b"x")
+    (kdir / "meta.json").write_text(json.dumps({"key": key, "series": {"name": "rpal-ref"}}))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    spec = replace(SPEC, kernel=kdir / "bzImage")
+    path = write_reproducer(run_dir, SCENARIOS["pair"], spec, ("wrong_slot_copy",))
+    text = path.read_text()
+    assert str(tmp_path) not in text and "/k/" not in text
+    moved = tmp_path / "elsewhere" / "deeper"
+    moved.mkdir(parents=True)
+    shutil.copy(path, moved / "reproduce.sh")
+    env = {"TESTBED": "echo", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(["sh", str(moved / "reproduce.sh"), "--run-dir", "x"], env=env,
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out[:3] == ["run", "pair", "--kernel"]
+    assert out[3:6] == [key, "--kernel-series", "rpal-ref"]
+    assert "--bug wrong_slot_copy" in " ".join(out) and out[-2:] == ["--run-dir", "x"]
+    # without $TESTBED: testbed on PATH, else python3 -m testbed
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python3").write_text('#!/bin/sh\necho python3 "$@"\n')
+    (fake / "python3").chmod(0o755)
+    out = subprocess.run(["sh", str(moved / "reproduce.sh")], env={"PATH": f"{fake}:/bin"},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out[:4] == ["python3", "-m", "testbed", "run"]
+
+
+def test_a_kernel_from_elsewhere_stays_its_path() -> None:
+    from testbed.reproduce import kernel_args
+
+    assert kernel_args(Path("/k/bzImage")) == ["--kernel", "/k/bzImage"]
+
+
+def test_a_key_the_cache_lacks_is_built_from_its_series(monkeypatch, tmp_path: Path) -> None:
+    from testbed.build import kernel as kmod
+    from testbed.reproduce import resolve_kernel_spec
+
+    monkeypatch.setenv("TESTBED_CACHE", str(tmp_path))
+    built = []
+
+    class KB:
+        key = "ffff0000ffff0000ffff0000"
+        bzimage = tmp_path / "bzImage"
+
+    monkeypatch.setattr(kmod, "build_kernel", lambda series: built.append(series) or KB())
+    got = resolve_kernel_spec(Path("0123456789abcdef01234567"), "rpal-ref")
+    assert got == KB.bzimage and built == ["rpal-ref"]
+    # without a series: the cache's answer as before (no build)
+    from testbed.errors import BuildError
+
+    with pytest.raises(BuildError, match="no cached kernel build"):
+        resolve_kernel_spec(Path("0123456789abcdef01234567"), None)
+    assert built == ["rpal-ref"]

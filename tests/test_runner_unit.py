@@ -36,11 +36,32 @@ class FakeGuest:
     console: str = "Linux version 6.1\n"
 
 
-def _install(monkeypatch: pytest.MonkeyPatch, guest: FakeGuest) -> None:
+class FakeQmp:
+    """QMP of the fake guest: records commands; dump-guest-memory writes a small file, and
+    only while the guest is paused (inside a capture)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.paused = False
+
+    def execute(self, cmd: str, args: dict[str, Any] | None = None, timeout: float = 30
+                ) -> Any:
+        self.calls.append((cmd, dict(args or {})))
+        if cmd == "dump-guest-memory":
+            assert self.paused, "dump taken while the guest runs"
+            Path(args["protocol"].removeprefix("file:")).write_bytes(b"\x7fELF dump")
+        return {}
+
+
+def _install(monkeypatch: pytest.MonkeyPatch, guest: FakeGuest) -> FakeQmp:
+    qmp = FakeQmp()
+
     class FakeMachine:
         def __init__(self, cfg: Any, run_dir: Path) -> None:
             self.cfg, self.run_dir = cfg, run_dir
-            self.qmp, self.ram_path = object(), run_dir / "ram"
+            self.qmp, self.ram_path = qmp, run_dir / "ram"
+            self.last_stdout: Path | None = None
+            self.commands = 0
             self.on_checkpoint: Callable[[Checkpoint], None] | None = None
             self.checkpoint_log = guest.log
             self.console_log = run_dir / "console.log"
@@ -53,26 +74,42 @@ def _install(monkeypatch: pytest.MonkeyPatch, guest: FakeGuest) -> None:
             pass
 
         def run(self, script: str, timeout: float, label: str) -> CommandResult:
+            self.commands += 1
+            self.last_stdout = self.run_dir / f"command-{self.commands}.stdout"
             if script.startswith("cat /sys/"):  # the bugs in effect
+                self.last_stdout.write_bytes(b"none\n")
                 return CommandResult(0, b"none\n", b"", 0.0)
+            self.last_stdout.write_text(guest.output)
             assert self.on_checkpoint is not None and "@@@ begin 0" in script
+            entries = list(guest.log)
             for s in guest.snapshots:
                 assert s.trigger is not None
                 self.on_checkpoint(Checkpoint(s.name, 101, 101, dict(s.trigger.facts)))
+                entries.append({"name": s.name, "pid": 101, "tid": 101})
+            with open(self.run_dir / "checkpoints.jsonl", "a") as log:  # as Machine writes it
+                log.writelines(json.dumps(e) + "\n" for e in entries)
             return CommandResult(0, guest.output.encode(), b"", 0.1)
 
     class FakeSnapshotter:
         def __init__(self, *a: Any) -> None:
             self.by_name = {s.name: s for s in guest.snapshots}
 
-        def capture(self, name: str, trigger: Any) -> Snapshot:
-            return self.by_name[name]
+        def capture(self, name: str, trigger: Any, while_paused: Any = None) -> Snapshot:
+            snap = self.by_name[name]
+            if while_paused is not None:
+                qmp.paused = True
+                try:
+                    while_paused(snap)
+                finally:
+                    qmp.paused = False
+            return snap
 
         def close(self) -> None:
             pass
 
     monkeypatch.setattr(runner, "Machine", FakeMachine)
     monkeypatch.setattr(runner, "LiveSnapshotter", FakeSnapshotter)
+    return qmp
 
 
 SPEC = runner.GuestSpec(kernel=Path("/k/bzImage"), initrd=Path("/k/initrd"),
@@ -136,3 +173,80 @@ def test_kernel_alarm_fails_the_scenario(monkeypatch: pytest.MonkeyPatch, tmp_pa
     sc = Scenario("t", "test", ("tb-rpal_pair",), ("faults",), design="rpal")
     r = runner.run_scenario(sc, SPEC, (), tmp_path)
     assert r.failed_checks() == {"kernel_log"}
+
+
+PAIR = get_design("rpal").scenarios["pair"]
+WRONG = (synth.rpal_snapshot("enabled", paired=False),
+         synth.rpal_snapshot("paired", a_copy=0xBAD000),
+         synth.rpal_snapshot("brk", a_copy=0xBAD000))
+
+
+def _dumps(qmp: FakeQmp) -> list[dict[str, Any]]:
+    return [a for c, a in qmp.calls if c == "dump-guest-memory"]
+
+
+def test_memory_is_kept_at_the_first_failing_checkpoint(monkeypatch: pytest.MonkeyPatch,
+                                                         tmp_path: Path) -> None:
+    qmp = _install(monkeypatch, FakeGuest(list(WRONG), _out("A: ok peer_read: 42")))
+    r = runner.run_scenario(PAIR, SPEC, (), tmp_path)
+    assert "slot_copies" in r.checks_with(Status.FAIL)
+    (dump,) = _dumps(qmp)  # once, at "paired", not again at "brk"
+    run_dir = Path(r.run_dir)
+    assert dump["protocol"] == f"file:{run_dir / 'memory-paired.elf'}" and not dump["paging"]
+    info = json.loads((run_dir / "dump.json").read_text())
+    assert info["checkpoint"] == "paired" and info["file"] == "memory-paired.elf"
+    assert any(w.startswith("slot_copies: A's copy") for w in info["failed"])
+    assert json.loads((run_dir / "scenario.json").read_text())["dump"] == "memory-paired.elf"
+
+
+def test_no_dump_when_all_pass_or_turned_off_or_too_big(monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from testbed.snapshot.memdump import DumpPolicy
+
+    ok = [synth.rpal_snapshot("enabled", paired=False), synth.rpal_snapshot("paired")]
+    qmp = _install(monkeypatch, FakeGuest(ok, _out("A: ok peer_read: 42")))
+    r = runner.run_scenario(PAIR, SPEC, (), tmp_path / "a")
+    assert not _dumps(qmp) and not (Path(r.run_dir) / "dump.json").exists()
+    qmp = _install(monkeypatch, FakeGuest(list(WRONG), _out("A: ok peer_read: 42")))
+    r = runner.run_scenario(PAIR, replace(SPEC, dump=DumpPolicy(enabled=False)), (),
+                            tmp_path / "b")
+    assert not _dumps(qmp) and not (Path(r.run_dir) / "dump.json").exists()
+    qmp = _install(monkeypatch, FakeGuest(list(WRONG), _out("A: ok peer_read: 42")))
+    r = runner.run_scenario(PAIR, replace(SPEC, dump=DumpPolicy(max_mib=256)), (),
+                            tmp_path / "c")
+    assert not _dumps(qmp)
+    info = json.loads((Path(r.run_dir) / "dump.json").read_text())
+    assert "over the dump cap of 256 MiB" in info["skipped"] and "file" not in info
+
+
+def test_a_failing_dump_changes_no_verdict(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+                                           ) -> None:
+    qmp = _install(monkeypatch, FakeGuest(list(WRONG), _out("A: ok peer_read: 42")))
+
+    def refuse(cmd: str, args: Any = None, timeout: float = 30) -> Any:
+        raise RuntimeError("Dump not allowed")
+
+    monkeypatch.setattr(qmp, "execute", refuse)
+    r = runner.run_scenario(PAIR, SPEC, (), tmp_path)
+    assert not any(f.check == "snapshot" for f in r.findings)  # every checkpoint kept
+    assert len(r.snapshots) == 3
+    info = json.loads((Path(r.run_dir) / "dump.json").read_text())
+    assert "Dump not allowed" in info["error"]
+
+
+@pytest.mark.parametrize("snaps", [WRONG, WRONG[:1]], ids=["wrong_copy", "one_checkpoint"])
+def test_report_judges_the_runners_folder_the_same(monkeypatch: pytest.MonkeyPatch,
+                                                   tmp_path: Path, snaps: Any) -> None:
+    from testbed.report.rejudge import rejudge_scenario
+
+    _install(monkeypatch, FakeGuest(list(snaps), _out("A: ok peer_read: 42",
+                                                      "B: FAIL peer_write: no")))
+    r = runner.run_scenario(PAIR, SPEC, (), tmp_path, runner.MODES["l5"])
+    j = rejudge_scenario(Path(r.run_dir))
+    key = sorted((f.check, f.checkpoint, f.subject, f.status.value, f.message, f.source)
+                 for f in r.findings)
+    assert sorted((f.check, f.checkpoint, f.subject, f.status.value, f.message, f.source)
+                  for f in j.result.findings) == key
+    assert j.changes == [] and j.result.output == r.output and j.result.scenario == "pair@l5"

@@ -11,17 +11,20 @@ from pathlib import Path
 from typing import Any
 
 from testbed import paths
-from testbed.boot.kernelimage import default_kernel, inspect_kernel, resolve_kernel
+from testbed.boot.kernelimage import default_kernel, inspect_kernel
 from testbed.boot.machine import Machine, MachineConfig, resolve_accel
 from testbed.build.initramfs import ImageSpec, build_image
 from testbed.errors import Interrupted, TestbedError
 from testbed.progress import Progress
+from testbed.reproduce import resolve_kernel_spec
 
 
 def add_machine_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("guest")
     g.add_argument("--kernel", type=Path, help="bzImage, or the key of a cached kernel build "
                    "(default: Debian's kernel in /boot)")
+    g.add_argument("--kernel-series", metavar="NAME",
+                   help="with --kernel KEY: build this series when the cache lacks KEY")
     g.add_argument("--initrd", type=Path, help="initramfs to boot instead of the built one")
     g.add_argument("--smp", type=int, default=2, help="number of vCPUs (default 2)")
     g.add_argument("--mem", type=int, default=512, metavar="MiB", help="guest RAM (default 512)")
@@ -38,6 +41,37 @@ def add_machine_options(p: argparse.ArgumentParser) -> None:
                    help="put a host file in the guest (default /usr/bin/NAME); repeatable")
     g.add_argument("--run-dir", type=Path, help="artifact folder (default: a new one under "
                    "$TESTBED_RUNS or ./testbed-runs)")
+    g.add_argument("--gdb", action="store_true",
+                   help="QEMU's gdbstub on RUN_DIR/gdb.sock; prints a gdb command line that "
+                        "loads the kernel's vmlinux")
+
+
+GDB_SOCKET = "gdb.sock"
+
+
+def gdb_qemu_args() -> list[str]:
+    """QEMU's gdbstub on a unix socket in the run folder (QEMU's working directory: a
+    relative path, as the QMP socket's, against the 108-byte limit of socket paths)."""
+    return ["-chardev", f"socket,id=gdb0,path={GDB_SOCKET},server=on,wait=off",
+            "-gdb", "chardev:gdb0"]
+
+
+def gdb_command(run_dir: Path, kernel: Path) -> str:
+    """The gdb command line for a guest started with --gdb: its vmlinux (beside a cached
+    bzImage), the kernel tree's lx-* scripts when a vmlinux-gdb.py lies beside it (a
+    build with CONFIG_GDB_SCRIPTS), attached to the stub."""
+    from testbed.snapshot.memdump import kernel_files
+
+    vmlinux = kernel_files(kernel).get("vmlinux")
+    cmd = ["gdb", "-q"]
+    if vmlinux is not None:
+        cmd.append(vmlinux)
+        script = Path(vmlinux).with_name("vmlinux-gdb.py")
+        if script.is_file():
+            cmd += ["-iex", f"add-auto-load-safe-path {script.parent}", "-ex",
+                    f"source {script}"]
+    cmd += ["-ex", f"target remote {GDB_SOCKET}"]
+    return f"cd {shlex.quote(str(run_dir))} && {shlex.join(cmd)}"
 
 
 def machine_from_args(args: argparse.Namespace, kind: str) -> Machine:
@@ -58,7 +92,8 @@ def machine_from_args(args: argparse.Namespace, kind: str) -> Machine:
 
 
 def _machine(args: argparse.Namespace, run_dir: Path) -> Machine:
-    kernel = resolve_kernel(args.kernel) if args.kernel else default_kernel()
+    kernel = (resolve_kernel_spec(args.kernel, args.kernel_series) if args.kernel
+              else default_kernel())
     info = inspect_kernel(kernel)
     if args.smp < 1 or args.mem < 64:
         raise TestbedError("--smp must be at least 1 and --mem at least 64 MiB")
@@ -73,6 +108,7 @@ def _machine(args: argparse.Namespace, run_dir: Path) -> Machine:
         kernel=kernel, initrd=initrd, accel=accel, smp=args.smp, mem_mib=args.mem,
         paging=args.paging, pti=args.pti, append=args.append,
         boot_timeout=args.boot_timeout, ready_marker=ours, files=parse_files(args.file or []),
+        extra_args=gdb_qemu_args() if getattr(args, "gdb", False) else [],
     )
     return Machine(cfg, run_dir)
 
@@ -174,6 +210,9 @@ def cmd_exec(args: argparse.Namespace) -> int:
         prepare_snapshots_dir(args.snapshots)
     m = machine_from_args(args, "exec")
     boot_with_progress(m)
+    if args.gdb:
+        print(f"testbed: gdb: {gdb_command(m.run_dir, m.cfg.kernel)}", file=sys.stderr,
+              flush=True)
     snapper = None
     try:
         if args.snapshots is not None:
@@ -216,6 +255,8 @@ def cmd_boot(args: argparse.Namespace) -> int:
         print(f"QMP socket:  {m.qmp_socket}")
         print(f"console log: {m.console_log}")
         print(f"guest RAM:   {m.ram_path}")
+        if args.gdb:
+            print(f"gdb:         {gdb_command(m.run_dir, m.cfg.kernel)}")
         if m.keys and m.ssh_port:
             from testbed.boot.ssh import ssh_command_line
 

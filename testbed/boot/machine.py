@@ -291,6 +291,7 @@ class Machine:
         self.checkpoint_log: list[dict[str, Any]] = []
         self._ckpt_errors = 0
         self._commands = 0  # guest commands run; each one's output: command-N.stdout/.stderr
+        self.last_stdout: Path | None = None  # command-N.stdout of the latest command
         self._stuck: str | None = None  # the guest could not be resumed after a snapshot
         self._ckpt_thread: threading.Thread | None = None
 
@@ -574,6 +575,7 @@ class Machine:
             raise GuestError("the guest has no SSH channel (started with ssh=False?)")
         self._commands += 1
         base = self.run_dir / f"command-{self._commands}"
+        self.last_stdout = Path(f"{base}.stdout")
         try:
             with open(f"{base}.stdout", "wb") as out, open(f"{base}.stderr", "wb") as err:
                 res = self._ssh.run(

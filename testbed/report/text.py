@@ -7,7 +7,7 @@ from typing import Any
 
 import jinja2
 
-from testbed.snapshot.model import Absent, Snapshot, hx
+from testbed.snapshot.model import Absent, SlotEntry, Snapshot, hx
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -55,9 +55,18 @@ def snapshot_rows(s: Snapshot) -> dict[str, Any]:
                  "phys": hx(m.phys_start)} for m in maps],
         })
     mms = [{"address": hx(m.address), "pgd": hx(m.pgd), "tlb_gen": m.tlb_gen,
-            "cpumask": ",".join(map(str, m.cpumask)), "tasks": ",".join(map(str, m.tasks))}
+            "cpumask": ",".join(map(str, m.cpumask)), "tasks": ",".join(map(str, m.tasks)),
+            "slots": _slots_text(m.slots),
+            "user_slots": None if m.user_slots is None else _slots_text(m.user_slots)}
            for m in s.mms]
     return {"cpus": cpus, "tasks": tasks, "mms": mms}
+
+
+def _slots_text(entries: tuple[SlotEntry, ...] | Absent) -> str:
+    """`slot->table` per 512 GiB entry; `*` marks a copied (marker bit) entry."""
+    if isinstance(entries, Absent):
+        return f"? ({entries.reason})"
+    return " ".join(f"{e.slot}{'*' if e.marker else ''}->{hx(e.table)}" for e in entries) or "-"
 
 
 def render_snapshot(snapshot: Snapshot, *, show_mappings: bool = False) -> str:

@@ -69,12 +69,93 @@ def _offline(dump: Path, vmlinux: Path) -> Snapshot:
     return snap
 
 
+def find_run_dump(path: Path) -> tuple[Path, Path, dict[str, Any]]:
+    """(dump file, its scenario's run folder, dump.json) for --dump given a run folder (a
+    scenario's, or a run's with one dump in it) or a dump file inside one."""
+    from testbed.snapshot.memdump import DUMP_INFO, load_dump_info
+
+    if path.is_dir():
+        folders = [path] if (path / DUMP_INFO).is_file() else sorted(
+            d for d in path.iterdir() if (d / DUMP_INFO).is_file())
+        dumps = [d for d in folders if (load_dump_info(d) or {}).get("file")]
+        if not dumps:
+            raise TestbedError(f"{path} holds no memory dump (no {DUMP_INFO} naming a file: no "
+                               "host check failed, or the run had --no-dump)")
+        if len(dumps) > 1:
+            raise TestbedError(f"{path} holds {len(dumps)} dumps: pass one scenario's folder ("
+                               + ", ".join(d.name for d in dumps) + ")")
+        folder = dumps[0]
+        info = load_dump_info(folder) or {}
+        return folder / str(info["file"]), folder, info
+    info = load_dump_info(path.parent) or {}
+    return path, path.parent, info if info.get("file") == path.name else {}
+
+
+def dump_vmlinux(info: dict[str, Any], folder: Path) -> Path:
+    """The vmlinux of a run folder's dump: the one dump.json names, else the cached build
+    of its kernel key; a one-line error when neither is here."""
+    named = Path(str(info.get("vmlinux", "")))
+    if info.get("vmlinux") and named.is_file():
+        return named
+    key = str(info.get("kernel_key", ""))
+    if key:
+        from testbed.build.kernel import load_build
+        from testbed.errors import BuildError
+
+        try:
+            return load_build(key).vmlinux
+        except BuildError:
+            pass
+    series = info.get("kernel_series") or "?"
+    raise TestbedError(f"the vmlinux of the dump in {folder} is not on this machine (kernel key "
+                       f"{key or '?'}, series {series}): build it with `testbed kernel build "
+                       f"--series {series}` or pass --vmlinux")
+
+
+def _judge_dump(snap: Snapshot, folder: Path, info: dict[str, Any]) -> list[Any]:
+    """The design's host checks on a dump's snapshot, with the checkpoint's facts (from the
+    snapshot taken live at that checkpoint); [] when the run folder can't say."""
+    from dataclasses import replace
+
+    from testbed.designs import get_design
+    from testbed.rundir import ScenarioRecord
+    from testbed.snapshot.model import SnapshotFormatError
+
+    checkpoint = str(info.get("checkpoint", ""))
+    try:
+        rec = ScenarioRecord.load(folder)
+        live = Snapshot.load(folder / "snapshots" / f"{checkpoint}.json")
+    except (TestbedError, OSError, SnapshotFormatError):
+        return []
+    design = get_design(rec.design)
+    sc = design.scenarios.get(rec.scenario)
+    if sc is None or live.trigger is None:
+        return []
+    snap.trigger = live.trigger
+    snap.name = checkpoint
+    return design.judge_snapshots([snap], replace(sc, name=rec.name))
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     if (args.run is None) == (args.dump is None):
-        raise TestbedError("give either --run DIR (a running guest) or --dump FILE --vmlinux FILE")
-    if args.dump is not None and args.vmlinux is None:
-        raise TestbedError("--dump needs --vmlinux (the kernel the dump was taken from)")
-    snap = _live(args.run) if args.run is not None else _offline(args.dump, args.vmlinux)
+        raise TestbedError("give either --run DIR (a running guest) or --dump FILE|RUN_DIR")
+    findings: list[Any] = []
+    if args.run is not None:
+        snap = _live(args.run)
+    else:
+        dump, folder, info = find_run_dump(args.dump)
+        vmlinux = args.vmlinux
+        if vmlinux is None:
+            if not info:
+                raise TestbedError(f"--dump {args.dump}: no dump.json of a run folder beside it "
+                                   "to name its kernel: pass --vmlinux")
+            vmlinux = dump_vmlinux(info, folder)
+            print(f"testbed: dump {dump} (checkpoint {info.get('checkpoint')}), vmlinux "
+                  f"{vmlinux}", file=sys.stderr)
+        _check_recorded_build_id(info, vmlinux, dump)
+        snap = _offline(dump, vmlinux)
+        if info:
+            findings = _judge_dump(snap, folder, info)
     if args.pid is not None:
         snap.tasks = tuple(t for t in snap.tasks if args.pid in (t.pid, t.tgid))
     if args.json:
@@ -84,14 +165,47 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         from testbed.report.text import render_snapshot
 
         sys.stdout.write(render_snapshot(snap, show_mappings=args.pid is not None))
+        if findings:
+            _print_findings(findings, snap.name)
     return 0
+
+
+def _check_recorded_build_id(info: dict[str, Any], vmlinux: Path, dump: Path) -> None:
+    """The vmlinux must be the build dump.json recorded (checked again against the dump's
+    own VMCOREINFO when it has one, in _offline)."""
+    from testbed.snapshot.vmcoreinfo import elf_build_id
+
+    want = str(info.get("vmlinux_build_id", "")).lower()
+    if not want or not vmlinux.is_file():
+        return
+    got = (elf_build_id(vmlinux) or "").lower()
+    if got and got != want:
+        raise TestbedError(f"dump {dump} is from another kernel build than {vmlinux}: BUILD-ID "
+                           f"{want} in dump.json, {got} in the vmlinux; pass the vmlinux of "
+                           "the dumped kernel")
+
+
+def _print_findings(findings: list[Any], checkpoint: str) -> None:
+    bad = [f for f in findings if f.bad]
+    print(f"\nhost checks on the dump at {checkpoint} (no vCPU registers: PKRU as saved per "
+          f"thread): {len(findings) - len(bad)} fine, {len(bad)} failed or not judged")
+    for f in bad:
+        ev = " ".join(f"{k}={v}" for k, v in f.evidence.items()
+                      if k in ("pid", "slot", "expected_table", "actual_table", "raw"))
+        print(f"  {f.status.value.upper():5s} {f.check} {f.subject}: {f.message}"
+              + (f"\n        {ev}" if ev else ""))
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("inspect", help="snapshot a running guest or a memory dump and print it")
     p.add_argument("--run", type=Path, metavar="DIR", help="run folder of a running guest")
-    p.add_argument("--dump", type=Path, metavar="FILE", help="ELF dump from dump-guest-memory")
-    p.add_argument("--vmlinux", type=Path, metavar="FILE", help="the dumped kernel (with --dump)")
+    p.add_argument("--dump", type=Path, metavar="FILE|RUN_DIR",
+                   help="ELF dump from dump-guest-memory, or a run folder holding the one "
+                        "`testbed run` kept at a failing checkpoint (its vmlinux is found "
+                        "from dump.json or the kernel cache, its BUILD-ID checked, and the "
+                        "design's host checks run on it with that checkpoint's facts)")
+    p.add_argument("--vmlinux", type=Path, metavar="FILE",
+                   help="the dumped kernel (with --dump FILE outside a run folder)")
     p.add_argument("--json", action="store_true", help="print the snapshot as JSON")
     p.add_argument("--pid", type=int, help="only this process (its mappings are listed too)")
     p.set_defaults(func=cmd_inspect)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,8 @@ class LiveSnapshotter:
         self._froze = False
 
     def capture(
-        self, name: str = "", trigger: Trigger | None = None, **assemble_args: Any
+        self, name: str = "", trigger: Trigger | None = None,
+        while_paused: Callable[[Snapshot], None] | None = None, **assemble_args: Any
     ) -> Snapshot:
         """Snapshot the guest; with a trigger, wait until that thread has left its CPU.
 
@@ -35,18 +37,30 @@ class LiveSnapshotter:
         host can be faster than the guest's context switch. Taking the snapshot
         only once the thread is off its CPU makes it the same every time: the
         thread asleep, its PKRU saved in thread.pkru.
+
+        `while_paused(snap)` is called with the snapshot returned, before the guest
+        resumes (e.g. to judge it and keep the guest's memory when a check fails).
         """
-        for attempt in range(100):
-            snap = self._capture_once(name, trigger, **assemble_args)
-            mine = [t for t in snap.tasks if trigger and t.pid == trigger.tid]
-            if not mine or mine[0].running_on is None:
+        attempts = 100
+        for attempt in range(attempts):
+            snap = self._capture_once(name, trigger, while_paused=while_paused,
+                                      last=attempt == attempts - 1, **assemble_args)
+            if self._settled(snap, trigger):
                 snap.timing["attempts"] = attempt + 1
                 return snap
             time.sleep(0.002)
         return snap
 
+    @staticmethod
+    def _settled(snap: Snapshot, trigger: Trigger | None) -> bool:
+        """The checkpointing thread (if any) is off its CPU in this snapshot."""
+        mine = [t for t in snap.tasks if trigger and t.pid == trigger.tid]
+        return not mine or mine[0].running_on is None
+
     def _capture_once(
-        self, name: str, trigger: Trigger | None, **assemble_args: Any
+        self, name: str, trigger: Trigger | None,
+        while_paused: Callable[[Snapshot], None] | None = None, last: bool = True,
+        **assemble_args: Any
     ) -> Snapshot:
         t0 = time.perf_counter()
         cpu_snap = self.qmp.run(self._pause_and_read_cpus())
@@ -71,6 +85,10 @@ class LiveSnapshotter:
             view = self._view
             t_attach = time.perf_counter()
             snap = assemble(view, cpus, name=name, trigger=trigger, **assemble_args)
+            if while_paused is not None and (last or self._settled(snap, trigger)):
+                t_hook = time.perf_counter()
+                while_paused(snap)
+                snap.timing["while_paused_ms"] = round((time.perf_counter() - t_hook) * 1000, 2)
         finally:
             if was_running:  # whatever happened: a guest left paused would hang its run
                 refused = self._resume()

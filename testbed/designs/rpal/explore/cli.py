@@ -39,6 +39,7 @@ def _positive(name: str, lo: float, hi: float | None = None, kind: type = int) -
 
 def add_parser(sub: Any) -> None:
     from testbed.scenarios import BUGS
+    from testbed.snapshot.memdump import DEFAULT_MAX_MIB
 
     p = sub.add_parser(
         "explore", help="random operation sequences on RPAL services, judged after every step",
@@ -51,6 +52,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--kernel", type=Path,
                    help="bzImage with vmlinux or System.map beside it, or a cached build's key "
                         "(default: the rpal-ref reference kernel, built or from the cache)")
+    p.add_argument("--kernel-series", metavar="NAME",
+                   help="with --kernel KEY: build this series when the cache lacks KEY")
     p.add_argument("--bug", action="append", choices=BUGS, metavar="NAME",
                    help=f"boot with this injected bug (repeatable): {', '.join(BUGS)}")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="hypothesis seed (default 1)")
@@ -71,6 +74,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--pti", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--append", default="", help="extra kernel command line")
     p.add_argument("--run-dir", type=Path, help="the run folder (default: a new one)")
+    p.add_argument("--no-dump", action="store_true",
+                   help="keep no memory dump (by default a failure's shrunk sequence is "
+                        "replayed and the guest's memory after its failing step kept as "
+                        "memory-stepN.elf; open it with `testbed inspect --dump RUN_DIR`)")
+    p.add_argument("--dump-max-mib", type=int, default=DEFAULT_MAX_MIB, metavar="MIB",
+                   help=f"no dump of a guest with more RAM (default {DEFAULT_MAX_MIB})")
     p.add_argument("--json", type=Path, metavar="FILE", help="JSON report")
     p.add_argument("--junit", type=Path, metavar="FILE", help="JUnit XML report")
     p.add_argument("--html", type=Path, metavar="FILE", help="HTML report")
@@ -83,9 +92,10 @@ def add_parser(sub: Any) -> None:
 
 
 def _replay_cmd(args: argparse.Namespace, kernel: Path) -> list[str]:
+    from testbed.reproduce import kernel_args
     from testbed.runner import _testbed_program
 
-    cmd = [_testbed_program(), "explore", "--kernel", str(kernel), "--accel", args.accel,
+    cmd = [_testbed_program(), "explore", *kernel_args(kernel), "--accel", args.accel,
            "--paging", str(args.paging), "--pti", args.pti]
     for b in args.bug or ():
         cmd += ["--bug", b]
@@ -99,7 +109,7 @@ def cmd_explore(args: argparse.Namespace) -> int:
     from testbed.check.model import Finding, ScenarioResult
     from testbed.designs.rpal.explore import driver
     from testbed.designs.rpal.explore.choices import REFERENCE_CHOICES
-    from testbed.designs.rpal.explore.guest import explore_guest
+    from testbed.designs.rpal.explore.guest import dump_at_failure, explore_guest
     from testbed.designs.rpal.explore.session import AgentBroken, Session
     from testbed.report.common import RunMeta
     from testbed.run_commands import guest_spec
@@ -155,6 +165,8 @@ def cmd_explore(args: argparse.Namespace) -> int:
                 res = driver.explore(session, seed=args.seed, steps=args.steps,
                                      seconds=args.time, services=args.services)
                 failure = res.failure
+            if failure is not None:  # the guest's memory at the failure (--no-dump: none)
+                dump_at_failure(rig, session, failure.steps, run_dir, spec)
     except AgentBroken as exc:
         _dump_trace(run_dir, session)
         raise TestbedError(f"explore: {exc}; the sequence so far is in "

@@ -33,6 +33,7 @@ from testbed.designs.rpal.explore.session import (
 )
 from testbed.designs.rpal.explore.steps import Step
 from testbed.errors import TestbedError
+from testbed.reproduce import PRELUDE, exec_line
 
 FAILURE_SCHEMA = "testbed.explore.failure"
 FAILURE_VERSION = 1
@@ -264,8 +265,11 @@ def write_failure(run_dir: Path, n: int, failure: Failure, meta: dict[str, Any],
         lines.append(f"#        < {r.answer}")
         if r.expect:
             lines.append(f"#        model: {r.expect}")
-    lines += ["#", "# Replay it on a fresh guest:",
-              f"exec {shlex.join([*replay_cmd, '--replay', str(jpath)])} \"$@\"", ""]
+    # portable (testbed/reproduce.py): replay_cmd[0] is the program, called as $TESTBED;
+    # the failure file is named beside this script
+    lines += ["#", "# Replay it on a fresh guest:", *PRELUDE,
+              exec_line([*replay_cmd[1:], "--replay"], f'"$HERE"/{shlex.quote(jpath.name)}'),
+              ""]
     spath = run_dir / f"failure-{n}.sh"
     spath.write_text("\n".join(lines))
     spath.chmod(0o755)

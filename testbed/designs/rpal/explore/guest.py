@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from testbed.boot.machine import Machine, MachineConfig
 from testbed.designs.rpal import DESIGN
@@ -91,3 +92,27 @@ def explore_guest(spec: GuestSpec, bugs: tuple[str, ...], run_dir: Path, choices
             if live is not None:
                 live.close()
             agent.close()
+
+
+def dump_at_failure(rig: Rig, session: Any, steps: list[Any], run_dir: Path, spec: GuestSpec
+                    ) -> str:
+    """Keep the guest's memory at a failure of explore (testbed/snapshot/memdump.py): the
+    shrunk sequence is replayed to its failing step, then the guest is stopped for the dump
+    and continued. "" when no dump was written (turned off, over the cap, not failing again
+    on replay: dump.json says why)."""
+    from testbed.designs.rpal.explore import driver
+    from testbed.snapshot.memdump import FailureDump
+
+    if not spec.dump.enabled or rig.machine.qmp is None:
+        return ""
+    qmp = rig.machine.qmp
+    dumper = FailureDump(qmp, run_dir, spec.dump, spec.mem_mib, spec.kernel)
+    again = driver.replay(session, steps)
+    label = f"step{again.step_index}" if again is not None else "replay"
+    why = ([f"{again.check}: {again.message}"] if again is not None
+           else ["the shrunk sequence did not fail again on replay: memory after it"])
+    qmp.execute("stop")
+    try:
+        return dumper.take(label, why)
+    finally:
+        qmp.execute("cont")

@@ -10,9 +10,10 @@ from testbed.check.model import Finding, ScenarioResult, Status
 from testbed.designs import Scenario
 from testbed.designs.rpal.explore import driver
 from testbed.designs.rpal.explore.choices import REFERENCE_CHOICES
-from testbed.designs.rpal.explore.guest import explore_guest
+from testbed.designs.rpal.explore.guest import dump_at_failure, explore_guest
 from testbed.designs.rpal.explore.session import AgentBroken, Session
 from testbed.errors import TestbedError
+from testbed.reproduce import kernel_args
 from testbed.runner import GuestSpec, _testbed_program
 
 SEED = 1
@@ -36,6 +37,8 @@ def _run(seconds: float, declared: tuple[str, ...], spec: GuestSpec, bugs: tuple
             session = Session(rig.agent, snapshotter=rig.snapshotter, console=rig.console)
             res = driver.explore(session, seed=SEED, steps=STEPS, seconds=seconds,
                                  services=SERVICES, shrink_seconds=min(120.0, 2 * seconds))
+            if res.failure is not None:  # the guest's memory at the failure
+                dump_at_failure(rig, session, res.failure.steps, run_dir, spec)
     except (TestbedError, AgentBroken) as exc:
         result.error = exc.one_line() if isinstance(exc, TestbedError) else str(exc)
         result.seconds = round(time.monotonic() - t0, 2)
@@ -51,7 +54,7 @@ def _run(seconds: float, declared: tuple[str, ...], spec: GuestSpec, bugs: tuple
                 result.scenario))
     else:
         f = res.failure
-        cmd = [_testbed_program(), "explore", "--kernel", str(spec.kernel), "--accel",
+        cmd = [_testbed_program(), "explore", *kernel_args(spec.kernel), "--accel",
                spec.accel.accel, "--paging", str(spec.paging), "--pti", spec.pti]
         for b in bugs:
             cmd += ["--bug", b]
