@@ -450,3 +450,19 @@ def test_an_unmapped_region_may_be_a_thread_stack_later() -> None:
         "right after the munmap a peer's read must fault"
     g.do("thread", "a", ans(tid=300))
     assert g.expect("read", "b", region="r1", page=0).expect.outcomes is None
+
+
+def test_fill_retry_may_get_an_id_whose_delay_just_ended() -> None:
+    """Seen as a false alarm: every id was held by the dead (within the delay), fill got
+    none, and the retry got one whose delay ended meanwhile: allowed. A live one's id
+    never is."""
+    g = Guest()
+    g.spawn("a", 0, 1)
+    g.spawn("b", 1, 2)
+    g.do("exit", "b", ans(pid=102, status=0, sig=0))
+    g.t = 100.0  # b's delay is over
+    e = g.expect("fill", "-").expect
+    assert e.judge(ans(held=0, ids="none", err="ENOSPC", again_id=1)) is False, \
+        "with id 1 free at the start fill must have got it"
+    assert e.judge(ans(held=253, ids="x", err="ENOSPC", again_id=1))
+    assert not e.judge(ans(held=253, ids="x", err="ENOSPC", again_id=0)), "a's id"

@@ -353,9 +353,13 @@ class Model:
         registration frees nothing."""
         taken = set(self.world.used) | set(self.world.held)
         sure = sum(1 for i in range(self.c.nr_ids) if i not in taken)
-        maybe = sum(1 for t in self.world.held.values() if now >= t)
-        return Prediction(Expect("ids", (ok(held=frozenset(range(sure, sure + maybe + 1)),
-                                            err="ENOSPC", again="ENOSPC"),),
+        past = frozenset(i for i, t in self.world.held.items() if now >= t)
+        maybe = len(past)
+        held = frozenset(range(sure, sure + maybe + 1))
+        outs = [ok(held=held, err="ENOSPC", again="ENOSPC")]
+        if past:  # a dead service's delay may end between the refusal and the retry
+            outs.append(ok(held=held, err="ENOSPC", again_id=past))
+        return Prediction(Expect("ids", tuple(outs),
                                  f"{sure}{f'..{sure + maybe}' if maybe else ''} free ids, then "
                                  "no free id: ENOSPC, twice"))
 
