@@ -18,6 +18,7 @@ from testbed.designs.rpal.explore.driver import (
     write_failure,
 )
 from testbed.designs.rpal.explore.session import Session
+from testbed.designs.rpal.explore.steps import Answer, Step
 
 from conftest import run_testbed
 
@@ -150,3 +151,23 @@ def test_cli_rejects_bad_arguments(args: list[str], msg: str) -> None:
     r = run_testbed("explore", *args, timeout=60)
     assert r.returncode != 0
     assert msg in r.stderr and "Traceback" not in r.stderr
+
+
+def test_fill_waits_until_every_dead_id_is_free() -> None:
+    """fill runs only after the delay of every dead id (and the slack) is over, so that
+    no delayed free lands between its refusal and its retry."""
+    s = session()
+    s.world.held[7] = s.clock() + 5.0
+    sent: list[float] = []
+    real = s.agent.call
+
+    def call(op: str, **args):  # type: ignore[no-untyped-def]
+        if op == "fill":
+            sent.append(s.clock())
+            return Answer("ok", {"held": "253", "ids": ",".join(map(str, range(253)))
+                                 + ",7", "err": "ENOSPC", "again": "ENOSPC"})
+        return real(op, **args)
+
+    s.agent.call = call  # type: ignore[method-assign]
+    s.execute(Step("fill", "-"))
+    assert sent and sent[0] >= 5.0 + s.choices.id_delay_tolerance_ms / 1000

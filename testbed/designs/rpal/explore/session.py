@@ -347,6 +347,12 @@ class Session:
         actor = region.owner if region is not None and step.op in ("read", "write", "spin") \
             else step.svc
         facts_before = oracles.model_facts(m)
+        if step.op == "fill":
+            # every dead id free first: a delayed free landing between fill's refusal and
+            # its retry would hand the retry that id, which the model must allow, and a
+            # registration that freed a live id (the retry's true evidence) would pass
+            # unseen. Seen: an exhaustion_frees_id failure that did not run the same again.
+            self._wait_ids_free(force=True)
         # Predicted on the state before the step, with the time the answer came: an id
         # the kernel may free by then may be reused. Applied with the time it was sent:
         # a death is no earlier than that.
