@@ -309,12 +309,22 @@ static void service_idle_input(struct svc *s)
  * Send @line (the command as received) to @s and wait for the answer with @seq.
  * @expect_exit: the op ends the service (exit): its death is the answer.
  */
+/* what @r's socket holds now, without waiting (a fork child may keep it open) */
+static void fill_now(struct ap_reader *r)
+{
+	struct pollfd p = { r->fd, POLLIN, 0 };
+
+	while (r->len < sizeof(r->buf) && poll(&p, 1, 0) == 1 && (p.revents & POLLIN))
+		if (ap_fill(r) <= 0)
+			break;
+}
+
 static void forward(struct svc *s, uint64_t seq, const char *line, int timeout_ms,
 		    int expect_exit, struct ap_ans *a)
 {
 	char ans[AP_LINE_MAX];
 	long end = now_ms() + timeout_ms;
-	int st = 0;
+	int st = 0, gone = 0;
 
 	if (line) {
 		char buf[AP_LINE_MAX + 1];
@@ -353,11 +363,18 @@ static void forward(struct svc *s, uint64_t seq, const char *line, int timeout_m
 				continue;
 			}
 			*sp = ' ';
+			/* after the death only a spawn's failed exec (its errno) counts */
+			if (gone && (line || !strstr(ans, " err ")))
+				continue;
 			a->len = 0;
 			a->overflow = 0;
 			ap_add(a, "%s", ans);
+			if (gone)
+				s->pid = 0;	/* reaped: nobody may wait for or kill it */
 			return;
 		}
+		if (gone)
+			goto reaped;
 		if (left <= 0) {
 			kill(s->pid, SIGKILL);
 			reap_blocking(s->pid, 5000, &st);
@@ -370,8 +387,13 @@ static void forward(struct svc *s, uint64_t seq, const char *line, int timeout_m
 		if (r < 0 && errno != EINTR)
 			goto died;
 		if (p[1].revents & POLLIN) {
-			if (reap(s->pid, &st))
-				goto reaped;
+			if (reap(s->pid, &st)) {
+				/* its last words (an exec's errno, say) may still be in the
+				 * socket when the SIGCHLD comes: read them before the death */
+				fill_now(&s->rd);
+				gone = 1;
+				continue;
+			}
 		}
 		if (p[0].revents & (POLLIN | POLLHUP | POLLERR)) {
 			r = ap_fill(&s->rd);
@@ -460,7 +482,8 @@ static void do_spawn(const struct ap_cmd *c, struct ap_ans *a)
 	if (a->len > 0 && strstr(a->buf, " err ") && (s = find_svc(name)) != NULL) {
 		int st;
 
-		reap_blocking(s->pid, 3000, &st);
+		if (s->pid > 0)
+			reap_blocking(s->pid, 3000, &st);
 		drop_svc(s);
 	}
 }

@@ -79,6 +79,8 @@ class FakeAgent:
             if s is not None:
                 s.deadkeys.clear()
             return Answer("ok", {"keys": "none"})
+        if op == "fill":  # the session waited out every delay: the dead ids are free
+            self.model.world.held.clear()
         cur = self.current()
         step = cur if cur is not None and cur.op == op else Step(op, svc, {})
         now = self.clock()
@@ -110,6 +112,8 @@ class FakeAgent:
             if op in ("spawn", "exec"):
                 self.pid += op == "spawn"
                 f["pid"] = str(self.pid)
+                if "id" in f and "pkey" in f:  # the default pkey goes with the id
+                    f["pkey"] = str(int(f["id"]) % 16)
             elif op in ("thread", "spin"):
                 self.tid += 1
                 f["tid"] = str(self.tid)

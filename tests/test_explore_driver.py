@@ -17,7 +17,7 @@ from testbed.designs.rpal.explore.driver import (
     replay,
     write_failure,
 )
-from testbed.designs.rpal.explore.session import Session
+from testbed.designs.rpal.explore.session import Session, StepFailure
 from testbed.designs.rpal.explore.steps import Answer, Step
 
 from conftest import run_testbed
@@ -164,10 +164,40 @@ def test_fill_waits_until_every_dead_id_is_free() -> None:
     def call(op: str, **args):  # type: ignore[no-untyped-def]
         if op == "fill":
             sent.append(s.clock())
-            return Answer("ok", {"held": "253", "ids": ",".join(map(str, range(253)))
-                                 + ",7", "err": "ENOSPC", "again": "ENOSPC"})
+            return Answer("ok", {"held": "254", "ids": ",".join(map(str, range(254))),
+                                 "err": "ENOSPC", "again": "ENOSPC"})
         return real(op, **args)
 
     s.agent.call = call  # type: ignore[method-assign]
     s.execute(Step("fill", "-"))
     assert sent and sent[0] >= 5.0 + s.choices.id_delay_tolerance_ms / 1000
+    assert not s.world.held  # waited out: the model takes them as free
+
+
+def test_fill_waits_for_deaths_reported_late_and_then_expects_every_id() -> None:
+    """A death is held from when its step was sent (the model's lower bound) but its id
+    is surely free only a delay after the answer that reported it; after that wait fill
+    must get every id and a retry refused: the retry getting a live holder's id (what
+    exhaustion_frees_id does) fails ids, also when that id is one a dead service held
+    (so far the model allowed a held id whose delay had ended: seen to hide the bug)."""
+    s = session()
+    s.execute(Step("spawn", "a"))
+    s.execute(Step("exit", "a"))
+    died_at = s.clock()
+    (dead_id,) = s.world.held  # a's: fill gets it too (all ids are free by then)
+    sent: list[float] = []
+    real = s.agent.call
+    every = ",".join(map(str, range(254)))
+
+    def call(op: str, **args):  # type: ignore[no-untyped-def]
+        if op == "fill":
+            sent.append(s.clock())
+            return Answer("ok", {"held": "254", "ids": every, "err": "ENOSPC",
+                                 "again_id": str(dead_id)})
+        return real(op, **args)
+
+    s.agent.call = call  # type: ignore[method-assign]
+    with pytest.raises(StepFailure) as exc:
+        s.execute(Step("fill", "-"))
+    assert exc.value.check == "ids"
+    assert sent[0] >= died_at + s.choices.id_free_delay_ms / 1000  # type: ignore[operator]

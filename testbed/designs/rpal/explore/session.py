@@ -31,6 +31,9 @@ SPIN_PROOF = 2
 SPIN_SETTLE_S = 0.005  # let the spinner run a little after arm before stopping it
 COW_READS, COW_GAP_S = 3, 0.02  # the fork child's reads of a page a peer keeps writing
 ID_FREE_SLACK_S = 0.1  # how late the delayed work that frees an id may run
+# before a fill: how late after the answer that reported a death its id's delayed free
+# may still come, on a loaded TCG host; past it the model takes the id as free
+SETTLE_SLACK_S = 0.5
 
 
 MACROS = ("crowd", "pair")
@@ -88,6 +91,11 @@ class Session:
         self.sleep = sleep
         self.world = world if world is not None else World()
         self.model = Model(choices, self.world)
+        # by when every id the model holds for the dead is surely free: the latest
+        # answer that reported a death, plus the delay and SETTLE_SLACK_S (the model's
+        # own times are the lower bound: when the killing step was sent)
+        self._ids_free_at = 0.0
+        self._held_seen: dict[int, float] = {}
         self.trace: list[Record] = []
         self.last_snap: Snapshot | None = None
         self.steps_done = 0
@@ -125,6 +133,7 @@ class Session:
             if a.kind == "ok":
                 self.model._die(s, self.clock())
         self._wait_gone()
+        self._track_held()
         self._wait_ids_free(force=unfilled)  # after a fill, always: nearly no id is free
         if not self.wait_ids:
             # not waited for: an id held by the previous sequence may or may not be free
@@ -132,6 +141,7 @@ class Session:
             # (and not reproduce); early reuse is judged within a sequence.
             for i in self.world.held:
                 self.world.held[i] = 0.0
+            self._held_seen = dict(self.world.held)  # no new death: _ids_free_at stands
         # every WARN_ON_ONCE armed again: a replay (shrinking) shows the warning again.
         # A kernel without debugfs answers err; its warnings then show once per boot.
         self.agent.call("clearwarn")
@@ -157,6 +167,31 @@ class Session:
         left = until - self.clock()
         if left > 0:
             self.sleep(left)
+
+    def _track_held(self) -> None:
+        """Note the time of the answer that reported new deaths (see _ids_free_at)."""
+        if self.world.held != self._held_seen:
+            if any(self._held_seen.get(i) != t for i, t in self.world.held.items()):
+                delay = (self.choices.id_free_delay_ms or 0) / 1000
+                self._ids_free_at = self.clock() + delay + SETTLE_SLACK_S
+            self._held_seen = dict(self.world.held)
+
+    def _settle_ids(self) -> None:
+        """Before a fill: wait until every dead id is surely free, then tell the model so.
+
+        Otherwise a delayed free landing between fill's refusal and its retry hands the
+        retry that id, which the model must allow; and then a refusal that freed a live
+        id (the retry getting the id a live holder has) passes unseen. Seen: an
+        exhaustion_frees_id failure that did not run the same again.
+        """
+        if self.choices.id_free_delay_ms is None or not self.world.held:
+            return
+        self._wait_ids_free(force=True)
+        left = self._ids_free_at - self.clock()
+        if left > 0:
+            self.sleep(left)
+        self.world.held.clear()
+        self._held_seen = {}
 
     def _wait_gone(self) -> None:
         deadline = self.clock() + 5
@@ -348,11 +383,7 @@ class Session:
             else step.svc
         facts_before = oracles.model_facts(m)
         if step.op == "fill":
-            # every dead id free first: a delayed free landing between fill's refusal and
-            # its retry would hand the retry that id, which the model must allow, and a
-            # registration that freed a live id (the retry's true evidence) would pass
-            # unseen. Seen: an exhaustion_frees_id failure that did not run the same again.
-            self._wait_ids_free(force=True)
+            self._settle_ids()
         # Predicted on the state before the step, with the time the answer came: an id
         # the kernel may free by then may be reused. Applied with the time it was sent:
         # a death is no earlier than that.
@@ -389,6 +420,7 @@ class Session:
         spinning = {x.name for x in m.live() if x.spinner is not None}
         m.apply(step, a, now)
         findings += self._after(step, pred, rec, index)
+        self._track_held()
         # a spinner the model lost without a cut-off to judge (its region moved): stop
         # it, so that the agent runs no spinner the model does not know
         judged = {name for name, _ in pred.cutoff}
