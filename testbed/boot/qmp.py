@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
+from qemu.qmp.protocol import StateError
 
 from testbed.errors import GuestError
 
@@ -42,6 +43,10 @@ class QMP:
         except TimeoutError as exc:
             fut.cancel()
             raise GuestError(f"QMP did not answer within {timeout:.0f} s") from exc
+        except (StateError, ConnectionError, EOFError) as exc:
+            # the socket went away under a command: QEMU exited (or crashed); the
+            # machine's check_alive() names how
+            raise GuestError(f"QMP connection lost ({exc}): QEMU is gone") from exc
 
     def connect(self, sock: socket.socket | str, timeout: float = 30.0) -> None:
         self.run(self._connect(sock), timeout)

@@ -25,14 +25,17 @@ DELAY_PARAM = "/sys/module/rpal/parameters/id_free_delay_ms"
 class _Snap:
     """The snapshotter the session uses: a live snapshot of the whole guest per call."""
 
-    def __init__(self, live: LiveSnapshotter) -> None:
+    def __init__(self, live: LiveSnapshotter, machine: Machine | None = None) -> None:
         self.live = live
+        self.machine = machine
 
     def capture(self, name: str = "") -> Snapshot:
         for attempt in range(3):
             try:
                 return self.live.capture(name)
             except GuestError as exc:
+                if self.machine is not None:
+                    self.machine.check_alive()  # QEMU gone: QemuCrash with its status
                 # QEMU 7.2 may refuse `cont` for a moment after the migration that read the
                 # vCPUs reported completion ("Migration is not finalized yet"): the guest is
                 # still paused. Continue it and take the snapshot again.
@@ -87,7 +90,7 @@ def explore_guest(spec: GuestSpec, bugs: tuple[str, ...], run_dir: Path, choices
             assert m.qmp is not None
             live = LiveSnapshotter(m.qmp, m.ram_path, spec.kernel)
             hello = agent.hello.text() if agent.hello else ""
-            yield Rig(m, agent, _Snap(live), oracles.ConsoleWatch(m.console_log), hello)
+            yield Rig(m, agent, _Snap(live, m), oracles.ConsoleWatch(m.console_log), hello)
         finally:
             if live is not None:
                 live.close()
