@@ -201,3 +201,54 @@ def test_fill_waits_for_deaths_reported_late_and_then_expects_every_id() -> None
         s.execute(Step("fill", "-"))
     assert exc.value.check == "ids"
     assert sent[0] >= died_at + s.choices.id_free_delay_ms / 1000  # type: ignore[operator]
+
+
+def _fake_replays(monkeypatch: pytest.MonkeyPatch, needed: set[str], misses: int) -> list[int]:
+    """driver.replay replaced: a candidate fails (check "keys") when it holds every step
+    op in `needed`, except that the first `misses` replays do not fail (a sequence found
+    from another start state)."""
+    from testbed.designs.rpal.explore import driver
+
+    calls: list[int] = []
+
+    def fake(session: object, steps: list[Step]) -> driver.Failure | None:
+        calls.append(len(steps))
+        if len(calls) <= misses or not needed <= {s.op for s in steps}:
+            return None
+        last = max(i for i, s in enumerate(steps) if s.op in needed)
+        kept = steps[:last + 1]
+        return driver.Failure("keys", last, "planted", kept, [], [])
+
+    monkeypatch.setattr(driver, "replay", fake)
+    return calls
+
+
+def _found(n: int) -> object:
+    from testbed.designs.rpal.explore.driver import Failure
+    steps = [Step(f"op{i}", "a") for i in range(n)]
+    return Failure("keys", n - 1, "found", steps, [], [])
+
+
+@pytest.mark.parametrize("misses", [0, 1, 2])
+def test_shrink_goes_on_when_the_whole_sequence_does_not_fail_again(
+        monkeypatch: pytest.MonkeyPatch, misses: int) -> None:
+    """A 40-step failure whose full replays do not fail again (mremap_drops_pkey seed 2
+    kept all 40 steps) is still shrunk by its candidates; it stays marked flaky."""
+    from testbed.designs.rpal.explore.driver import shrink_steps
+
+    _fake_replays(monkeypatch, {"op7", "op31"}, misses)
+    best, runs = shrink_steps(None, _found(40))  # type: ignore[arg-type]
+    assert [s.op for s in best.steps] == ["op7", "op31"]
+    assert best.flaky == (misses > 0)
+    assert runs < 200
+
+
+def test_shrink_keeps_the_found_sequence_when_nothing_fails_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from testbed.designs.rpal.explore.driver import shrink_steps
+
+    calls = _fake_replays(monkeypatch, {"never"}, 0)
+    found = _found(12)
+    best, runs = shrink_steps(None, found)  # type: ignore[arg-type]
+    assert best is found and best.flaky and len(best.steps) == 12
+    assert runs == len(calls) > 2
