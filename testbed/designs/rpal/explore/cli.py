@@ -147,7 +147,9 @@ def cmd_explore(args: argparse.Namespace) -> int:
     from testbed.progress import Progress
 
     prog = Progress("explore")  # without a TTY: a heartbeat line while it explores
-    prog.update(f"booting the guest, then seed {args.seed} for {args.time:g} s", force=True)
+    then = (f"replaying {args.replay}" if args.replay
+            else f"seed {args.seed} for {args.time:g} s")
+    prog.update(f"booting the guest, then {then}", force=True)
     prog.detail_fn = lambda: (f"{session.steps_done} steps judged" if session is not None
                               else "booting the guest")
     try:
