@@ -23,7 +23,8 @@ from testbed.designs.rpal.explore.steps import Step
 NAMES = "abcdefghijklmnop"
 SWARM = ("spawn", "enable_default", "enable", "request_peer", "request", "release", "exit",
          "exec", "simple", "pkey_free", "mmap", "brk", "touch", "change", "access", "spin",
-         "cut_off", "crowd", "pair", "fill", "drain", "move_access", "cow", "probe")
+         "cut_off", "crowd", "pair", "fill", "drain", "move_access", "cow", "probe",
+         "cow_probe")
 VALUES = st.sampled_from([0x1111, 0x2222, 0xdead0001, 0xfeedface00000001])
 
 
@@ -299,10 +300,11 @@ def make_machine(session: Session, services: int) -> type[RuleBasedStateMachine]
             """The owner of a page a peer keeps writing forks (COW write-protects it)."""
             self.do("fork", data.draw(st.sampled_from(self.writers()), label="svc"))
 
-        def probe(self, data: st.DataObject) -> None:
+        def probe(self, data: st.DataObject, cow: bool = False) -> None:
             """A stale-TLB probe on a pair (a macro of plain steps): the owner maps and
             fills a page, the peer reads or writes it on the other CPU, the owner cuts
-            it off one of the ways that must flush the peer."""
+            it off one of the ways that must flush the peer (with `cow`: the peer
+            writes and the owner forks, which write-protects the page for COW)."""
             m = self.s.model
             cands = sorted((o, p) for o in self.live() for p in m.peers(o)
                            if m.svcs[p].spinner is None)
@@ -312,13 +314,24 @@ def make_machine(session: Session, services: int) -> type[RuleBasedStateMachine]
             region = m.next_region_name()
             self.do("mmap", owner, pages=1, prot="rw", region=region)
             self.do("touch", owner, region=region, value=data.draw(VALUES, label="value"))
-            if data.draw(st.sampled_from([False, False, True]), label="writer"):
+            if cow or data.draw(st.sampled_from([False, False, True]), label="writer"):
                 self.do("spin", peer, region=region, page=0, mode="write",
                         value=data.draw(VALUES, label="value"))
             else:
                 self.do("spin", peer, region=region, page=0)
             if region in m.regions and m.svcs[peer].spinner is not None:
-                self._cut(data, owner, region)
+                if cow:
+                    self.do("fork", owner)
+                else:
+                    self._cut(data, owner, region)
+
+        def cow_probe(self, data: st.DataObject) -> None:
+            """The fork path on purpose: a peer keeps writing the owner's page, the owner
+            forks (every writable PTE of a private page becomes read-only: a flush
+            that must reach the peer, or its writes go on to the page the child shares).
+            The plain rules reach it only when a write spinner and a fork meet by chance
+            (fork_cow_skips_peers was missed in 120 s with PTI)."""
+            self.probe(data, cow=True)
 
         def move_access(self, data: st.DataObject) -> None:
             """mremap a region to another place, then use a page of it (an untouched page
@@ -385,6 +398,7 @@ def make_machine(session: Session, services: int) -> type[RuleBasedStateMachine]
                 ("move_access", 2, regions),
                 ("cow", 4, bool(self.writers())),
                 ("probe", 3, bool(self.s.model.pairs())),
+                ("cow_probe", 1, bool(self.s.model.pairs())),
             ]
             return [(name, w * self.factor.get(name, 1)) for name, w, can in table
                     if can and self.factor.get(name, 1)]
