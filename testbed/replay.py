@@ -43,7 +43,6 @@ from testbed.boot.rr import (
 )
 from testbed.errors import EXIT_TESTBED_ERROR, GuestError, TestbedError
 
-REQUEST_WAIT = 10.0  # seconds a checkpoint's request may lag behind the stop at its count
 
 
 def recording_folders(path: Path) -> list[Path]:
@@ -126,9 +125,13 @@ class Outcome:
 
 
 def _stop_at(m: Machine, icount: int, deadline: float) -> None:
-    """Run the replay to instruction count `icount` and wait until it stops there."""
+    """Run the replay on to instruction count `icount` and wait until it stops there."""
     m.execute("replay-break", {"icount": icount})
     m.execute("cont")
+    _wait_stopped(m, icount, deadline)
+
+
+def _wait_stopped(m: Machine, icount: int, deadline: float) -> None:
     while True:
         m.check_alive()
         status = m.execute("query-status")
@@ -144,24 +147,37 @@ def _stop_at(m: Machine, icount: int, deadline: float) -> None:
         time.sleep(0.02)
 
 
-def _request(requests: queue.Queue[Checkpoint], mark: CheckpointMark, notes: list[str]
-             ) -> Checkpoint:
-    """The guest's request of `mark`'s checkpoint (others before it are noted, skipped)."""
+def _reach(m: Machine, requests: queue.Queue[tuple[Checkpoint, int]], mark: CheckpointMark,
+           deadline: float, notes: list[str]) -> Checkpoint:
+    """Run the replay to `mark`: until the guest asks for its checkpoint (the replay is
+    stopped at once, by the checkpoint thread), then on to the recorded instruction count
+    of the snapshot (the guest may run a little after its request: the recording stopped
+    it once the asking thread was off its CPU)."""
     from testbed.runner import trigger_line
 
-    deadline = time.monotonic() + REQUEST_WAIT
+    m.execute("cont")
     while True:
         try:
-            ck = requests.get(timeout=max(0.01, deadline - time.monotonic()))
+            ck, icount = requests.get(timeout=0.25)
         except queue.Empty:
-            raise GuestError(f"the replay reached {mark.name}'s instruction count without "
-                             "its checkpoint request") from None
+            m.check_alive()
+            if time.monotonic() > deadline:
+                raise GuestError(f"the replay did not reach {mark.name}'s checkpoint in time "
+                                 f"(now at instruction {m.replay_icount()})") from None
+            continue
         line = trigger_line(ck)
-        if not mark.trigger or line == mark.trigger:
-            return ck
-        notes.append(f"request {line!r} before {mark.file} (recorded {mark.trigger!r})")
-        if ck.name == mark.name:
-            return ck
+        if mark.trigger and line != mark.trigger:
+            notes.append(f"request {line!r} before {mark.file} (recorded {mark.trigger!r})")
+            if ck.name != mark.name:
+                m.execute("cont")
+                continue
+        break
+    if icount > mark.icount:
+        raise GuestError(f"the replay was stopped at instruction {icount}, past {mark.name}'s "
+                         f"recorded {mark.icount} (it ran on before the stop)")
+    if icount < mark.icount:
+        _stop_at(m, mark.icount, deadline)
+    return ck
 
 
 def replay_one(folder: Path, *, gdb: bool = False, timeout: float | None = None,
@@ -186,11 +202,19 @@ def replay_one(folder: Path, *, gdb: bool = False, timeout: float | None = None,
     cfg = replay_config(rec, folder, replay_dir, kernel, gdb_qemu_args() if gdb else [])
     budget = timeout if timeout is not None else max(300.0, 12 * rec.seconds)
     deadline = t0 + budget
-    requests: queue.Queue[Checkpoint] = queue.Queue()
+    requests: queue.Queue[tuple[Checkpoint, int]] = queue.Queue()
     replayed: dict[str, tuple[str, int]] = {}
     why: dict[str, str] = {}
     m = Machine(cfg, replay_dir)
-    m.on_checkpoint = requests.put
+
+    def on_checkpoint(ck: Checkpoint) -> None:
+        # stopped at once: the guest waits for this request's answer, which the log
+        # gives it at the recorded count; by QMP stop, as the recording was (a
+        # replay-break to a count the guest is halted at, then cont, can stall QEMU 7.2)
+        m.execute("stop")
+        requests.put((ck, m.replay_icount()))
+
+    m.on_checkpoint = on_checkpoint
     snapper = None
     targets = rec.targets()
     waiting = False  # stopped for gdb: an interrupt ends the replay as asked
@@ -201,8 +225,7 @@ def replay_one(folder: Path, *, gdb: bool = False, timeout: float | None = None,
         taken: list[str] = []
         for mark in targets:
             try:
-                _stop_at(m, mark.icount, deadline)
-                ck = _request(requests, mark, out.notes)
+                ck = _reach(m, requests, mark, deadline, out.notes)
             except GuestError as exc:
                 why[mark.file] = exc.one_line()
                 raise
@@ -223,9 +246,13 @@ def replay_one(folder: Path, *, gdb: bool = False, timeout: float | None = None,
             if on_stop is not None:
                 on_stop(out, gdb_command(replay_dir, kernel))
             waiting = True
-            while True:  # stopped at the checkpoint until interrupted
-                m.check_alive()
-                time.sleep(0.5)
+            try:
+                while True:  # stopped at the checkpoint until interrupted
+                    m.check_alive()
+                    time.sleep(0.5)
+            except TestbedError as exc:  # gdb let it run on, past the recording's end
+                out.notes.append(f"after the stop the guest ran on and QEMU ended: "
+                                 f"{exc.one_line()}")
     except TestbedError as exc:
         out.error = exc.one_line()
         if not rec.failing and out.end_reached is None and len(replayed) == len(targets):
@@ -289,6 +316,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
         out = replay_one(folder, gdb=args.gdb, timeout=args.timeout, on_stop=stopped)
         if not args.gdb or out.error:
             print_outcome(out)
+        else:
+            for note in out.notes:
+                print(f"note: {note}")
         statuses.append(replay_status(out))
     return 1 if 1 in statuses else max(statuses)
 

@@ -14,6 +14,7 @@ the guest stays stopped where gdb holds it.
 
 import json
 import os
+import re
 import subprocess
 from typing import Any
 
@@ -35,6 +36,19 @@ def _arg_value(text: str) -> int:
     return int(gdb.parse_and_eval(text)) & ((1 << 64) - 1)
 
 
+def _cr3() -> int:
+    """The vCPU's CR3; QEMU's gdbstub gives it as flags ("[ PDBR=1884 PCID=0 ]")."""
+    value = gdb.parse_and_eval("$cr3")
+    try:
+        return int(value)
+    except gdb.error:
+        pass
+    m = re.search(r"PDBR=(\d+)", str(value))
+    if m is None:
+        raise gdb.GdbError(f"cannot read CR3 ({value}): give the PID")
+    return int(m.group(1)) << 12
+
+
 class TbWalk(gdb.Command):
     """tb-walk ADDR [PID]: the page-table walk of ADDR (the testbed's walker)."""
 
@@ -51,7 +65,7 @@ class TbWalk(gdb.Command):
         if len(args) == 2:
             cmd += ["--pid", str(_arg_value(args[1]))]
         else:
-            cmd += ["--cr3", hex(_arg_value("$cr3"))]
+            cmd += ["--cr3", hex(_cr3())]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (cfg["source_root"], env.get("PYTHONPATH", "")) if p)
