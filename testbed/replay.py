@@ -44,7 +44,6 @@ from testbed.boot.rr import (
 from testbed.errors import EXIT_TESTBED_ERROR, GuestError, TestbedError
 
 
-
 def recording_folders(path: Path) -> list[Path]:
     """The recordings under `path`: a scenario's folder, or a run's folder's scenarios."""
     if (path / RR_INFO).is_file():
