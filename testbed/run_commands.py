@@ -655,7 +655,9 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser(
         "list", help="the scenarios, checks (source, bugs that show them), bugs and modes",
         description="List what `testbed run` can run: the design's scenarios with their "
-        "checks, every check with its source (host: judged from snapshots; guest: the "
+        "checks and whether `run --record` can run them (QEMU records one vCPU: a scenario "
+        "that needs two cannot be recorded, and the list says why), every check with its "
+        "source (host: judged from snapshots; guest: the "
         "workloads' verdict lines) and the injected bugs it is named for, the injected "
         "bugs with the checks that show them, and the paging modes.",
     )

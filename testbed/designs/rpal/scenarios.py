@@ -41,7 +41,7 @@ SCENARIOS: dict[str, Scenario] = {
                  ("result", "slot_confinement", "slot_copies", "keys", "pkru", "tlb_state",
                   "claims", "faults", "exit", "ids"), design="rpal", needs_cpus=2,
                  needs_cpus_why="its spinner reads and writes on the other CPU while a "
-                 "step flushes (the stale-TLB probes)"),
+                 "step flushes: the stale-TLB probes"),
         Scenario("protection_keys", "the kernel's own protection_keys selftest", (),
                  ("selftest:protection_keys",), selftest="protection_keys", design="rpal"),
     )
