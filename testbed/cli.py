@@ -37,6 +37,9 @@ def _registrars() -> list[Registrar]:
     from testbed.report import cli as report_cli
 
     regs.append(report_cli.add_parser)
+    from testbed import replay
+
+    regs.append(replay.add_parser)
     from testbed.designs.rpal.explore import cli as explore_cli
 
     regs.append(explore_cli.add_parser)

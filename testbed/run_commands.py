@@ -70,11 +70,44 @@ def guest_spec(args: argparse.Namespace) -> tuple[GuestSpec, dict[str, float]]:
     image = build_image(ImageSpec(kernel=info))
     timings["image"] = round(time.monotonic() - t0, 2)
     modes = run_modes(args)
-    accel = resolve_accel(args.accel, modes[0].paging, kernel, image.path)
+    record = getattr(args, "record", False)
+    if record:
+        accel = record_accel(args.accel, modes[0].paging)
+    else:
+        accel = resolve_accel(args.accel, modes[0].paging, kernel, image.path)
     print(f"testbed: {accel.describe()}", file=sys.stderr)
     spec = GuestSpec(kernel=kernel, initrd=image.path, accel=accel, paging=modes[0].paging,
-                     pti=modes[0].pti, append=args.append, dump=dump_policy(args))
+                     pti=modes[0].pti, append=args.append, dump=dump_policy(args),
+                     record=record)
     return spec, timings
+
+
+def record_accel(want: str, paging: int) -> Any:
+    """The accelerator of a recorded run: TCG (QEMU's record/replay needs -icount)."""
+    from testbed.boot.hostcaps import Accel, choose_accel
+
+    if want == "kvm":
+        raise UsageError("--record runs under TCG (QEMU's record/replay needs -icount): "
+                         "not with --accel kvm")
+    tcg = choose_accel("tcg", paging)
+    return Accel(tcg.accel, tcg.cpu, "TCG: --record (QEMU's record/replay needs -icount)")
+
+
+def recordable(scenarios: list[Any], named: bool) -> list[Any]:
+    """The scenarios --record can run: one it cannot is a usage error when named, and is
+    left out (said on stderr) when the run takes every scenario."""
+    from testbed.runner import record_refusal
+
+    out = []
+    for sc in scenarios:
+        why = record_refusal(sc)
+        if not why:
+            out.append(sc)
+        elif named:
+            raise UsageError(f"--record: {sc.name} cannot be recorded: {why}")
+        else:
+            print(f"testbed: --record leaves out {sc.name}: {why}", file=sys.stderr)
+    return out
 
 
 def dump_policy(args: argparse.Namespace) -> DumpPolicy:
@@ -105,8 +138,12 @@ def dry_run_spec(args: argparse.Namespace) -> tuple[GuestSpec, list[str]]:
     notes.append(f"accelerator: {accel.describe()}"
                  + (" (auto: a probe guest would confirm KVM first)"
                     if args.accel == "auto" and accel.accel == "kvm" else ""))
+    record = getattr(args, "record", False)
+    if record:
+        accel = record_accel(args.accel, modes[0].paging)
     spec = GuestSpec(kernel=kernel, initrd=Path("INITRAMFS"), accel=accel,
-                     paging=modes[0].paging, pti=modes[0].pti, append=args.append)
+                     paging=modes[0].paging, pti=modes[0].pti, append=args.append,
+                     record=record)
     return spec, notes
 
 
@@ -234,6 +271,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_usage(args)
     design = _design(args)
     scenarios = design.select(args.scenario)
+    if args.record:
+        scenarios = recordable(scenarios, bool(args.scenario))
+        if args.accel == "kvm":
+            record_accel(args.accel, 5)
     modes = run_modes(args)
     bugs = tuple(args.bug or ())
     design.check_bugs(bugs)
@@ -487,6 +528,7 @@ def listing(design: Design) -> dict[str, Any]:
         "design": design.name,
         "scenarios": [{"name": sc.name, "title": sc.title, "workloads": list(sc.workloads),
                        "selftest": sc.selftest, "smp": sc.smp, "checks": list(sc.checks),
+                       "needs_cpus": sc.needs_cpus, "record": _record_note(sc),
                        "modes": [m for m in DEFAULT_MODES[:1 if sc.selftest else None]]}
                       for sc in design.scenarios.values()],
         "checks": [{**c.to_dict(), "scenarios": [sc.name for sc in design.scenarios.values()
@@ -499,6 +541,13 @@ def listing(design: Design) -> dict[str, Any]:
     }
 
 
+def _record_note(sc: Any) -> str:
+    from testbed.runner import record_refusal
+
+    why = record_refusal(sc)
+    return f"no: {why}" if why else "yes (one vCPU)"
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     doc = listing(_design(args))
     if args.json:
@@ -509,7 +558,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         how = ("; ".join(sc["workloads"]) or (f"selftest {sc['selftest']}" if sc["selftest"]
                                               else "run by the design"))
         print(f"  {sc['name']:<16} {sc['title']}\n  {'':<16} runs: {how}\n"
-              f"  {'':<16} checks: {', '.join(sc['checks'])}")
+              f"  {'':<16} checks: {', '.join(sc['checks'])}\n"
+              f"  {'':<16} --record: {sc['record']}")
     print("\nchecks (source: host = judged from snapshots, guest = the workloads' verdicts):")
     for c in doc["checks"]:
         print(f"  {c['name']:<18} [{c['source']}] {c['title']}; bugs: "
@@ -593,12 +643,21 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--dump-max-mib", type=int, default=DEFAULT_MAX_MIB, metavar="MIB",
                    help=f"no dump of a guest with more RAM than this (default "
                         f"{DEFAULT_MAX_MIB}; a dump is as large as the guest's RAM)")
+    p.add_argument("--record", action="store_true",
+                   help="run each scenario on one vCPU under QEMU's record/replay (TCG, "
+                        "no network: commands and checkpoints on serial lines) and keep "
+                        "the recording in its run folder (rr.bin, rr.json, initrd.cpio): "
+                        "`testbed replay RUN_DIR [--gdb]` replays it instruction for "
+                        "instruction to the failing checkpoint. Scenarios that need two "
+                        "CPUs cannot be recorded (testbed list says which and why)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
         "list", help="the scenarios, checks (source, bugs that show them), bugs and modes",
         description="List what `testbed run` can run: the design's scenarios with their "
-        "checks, every check with its source (host: judged from snapshots; guest: the "
+        "checks and whether `run --record` can run them (QEMU records one vCPU: a scenario "
+        "that needs two cannot be recorded, and the list says why), every check with its "
+        "source (host: judged from snapshots; guest: the "
         "workloads' verdict lines) and the injected bugs it is named for, the injected "
         "bugs with the checks that show them, and the paging modes.",
     )

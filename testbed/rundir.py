@@ -131,14 +131,28 @@ def snapshot_file(name: str, taken: Iterable[str]) -> str:
     return rel
 
 
-def save_snapshot(snap: Any, run_dir: Path, taken: Sequence[str]) -> str:
-    """Write a checkpoint's snapshot into the run folder (snapshot_file); its file name."""
+TIMINGS_FILE = "snapshot-timings.jsonl"
+
+
+def save_snapshot(snap: Any, run_dir: Path, taken: Sequence[str], *, timing: bool = True
+                  ) -> str:
+    """Write a checkpoint's snapshot into the run folder (snapshot_file); its file name.
+
+    Without `timing` the file holds the guest's state only (what a replay must give byte
+    for byte): the snapshot's timings go to TIMINGS_FILE instead, one line per snapshot.
+    """
+    from dataclasses import replace
+
     from testbed.boot.machine import check_checkpoint_name
 
     check_checkpoint_name(snap.name)  # from the guest: also checked where it is parsed
     rel = snapshot_file(snap.name, taken)
     path = run_dir / rel
     path.parent.mkdir(parents=True, exist_ok=True)
+    if not timing:
+        with open(run_dir / TIMINGS_FILE, "a") as log:
+            log.write(json.dumps({"file": rel, "timing": snap.timing}) + "\n")
+        snap = replace(snap, timing={})
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(snap.dumps() + "\n")
     tmp.replace(path)

@@ -22,6 +22,7 @@ from typing import Any
 from testbed import paths
 from testbed.boot.hostcaps import Accel
 from testbed.boot.machine import Checkpoint, Machine, MachineConfig, stop_all_guests
+from testbed.boot.rr import RR_INITRD, RR_LOG, CheckpointMark, Recording, sha256_file
 from testbed.check.model import ScenarioResult, Status, missing_checks
 from testbed.designs import Design, Scenario, get_design
 from testbed.errors import Interrupted, TestbedError, UsageError
@@ -102,6 +103,27 @@ class GuestSpec:
     boot_timeout: float = 180.0
     extra: dict[str, Any] = field(default_factory=dict)
     dump: DumpPolicy = DumpPolicy()  # the guest's memory at the first failing checkpoint
+    # under QEMU record/replay (one vCPU): `testbed replay` runs it again exactly
+    record: bool = False
+
+
+@dataclass
+class RecordState:
+    """What a recorded run learns for its rr.json: each checkpoint's stop, and the end."""
+
+    marks: list[CheckpointMark] = field(default_factory=list)
+    end_icount: int | None = None
+
+
+def record_refusal(sc: Scenario) -> str:
+    """Why `sc` cannot be recorded ("" when it can): QEMU records one vCPU only (pure)."""
+    if sc.needs_cpus > 1:
+        return f"needs {sc.needs_cpus} CPUs ({sc.needs_cpus_why}); QEMU records one vCPU"
+    if sc.selftest:
+        return "the kernel's selftest takes no snapshots: there is no checkpoint to replay to"
+    if not sc.workloads:
+        return "it runs no workloads of its own (the design runs it its own way)"
+    return ""
 
 
 def guest_script(workloads: tuple[str, ...]) -> str:
@@ -167,10 +189,14 @@ def parse_bug_param(text: str) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
+def bug_command(design: Design) -> str:
+    return f"cat {design.bug_sysfs}"
+
+
 def bugs_in_effect(m: Machine, design: Design) -> tuple[str, ...]:
     """The injected bugs the guest kernel really runs with, read from sysfs."""
     path = design.bug_sysfs
-    res = m.run(f"cat {path}", timeout=30, label="read the bugs in effect")
+    res = m.run(bug_command(design), timeout=30, label="read the bugs in effect")
     if res.status != 0:
         raise TestbedError(f"cannot read {path} in the guest (status {res.status}): "
                            f"is this a {design.kernel_series} reference kernel?",
@@ -198,6 +224,8 @@ def reproduce_commands(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...]
     run = [prog, "run", sc.name.split("@")[0], *guest]
     for b in bugs:
         run += ["--bug", b]
+    if spec.record:
+        run.append("--record")
     if spec.append:
         run += ["--append", spec.append]
     append = kernel_append(spec, bugs, get_design(sc.design))
@@ -229,6 +257,9 @@ def write_reproducer(run_dir: Path, sc: Scenario, spec: GuestSpec, bugs: tuple[s
         f"  {shlex.join(boot)}",
         f"  {by_hand}",
     ]
+    if spec.record:
+        comment += ["It was recorded (QEMU record/replay): `testbed replay DIR [--gdb]` of this "
+                    "folder replays the recording instruction for instruction."]
     text = "\n".join(["#!/bin/sh", *_comment_lines(comment), *PRELUDE,
                       exec_line(run[1:]), ""])
     path = run_dir / "reproduce.sh"
@@ -243,12 +274,17 @@ def machine_config(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...],
     command line (the design's bug parameter first)."""
     if mode is not None:
         spec = replace(spec, paging=mode.paging, pti=mode.pti)
-    return MachineConfig(
+    cfg = MachineConfig(
         kernel=spec.kernel, initrd=spec.initrd, accel=spec.accel, smp=sc.smp,
         mem_mib=spec.mem_mib, paging=spec.paging, pti=spec.pti,
         append=kernel_append(spec, bugs, get_design(sc.design)),
         boot_timeout=spec.boot_timeout,
     )
+    if spec.record:  # one vCPU, no SSH, the commands in the image (testbed/boot/rr.py)
+        design = get_design(sc.design)
+        cfg = replace(cfg, smp=1, ssh=False, rr="record", rr_log=RR_LOG,
+                      rr_commands=(bug_command(design), guest_script(sc.workloads)))
+    return cfg
 
 
 def run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], parent: Path,
@@ -268,8 +304,13 @@ def run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], parent: P
                             mode=mode.name if mode is not None else "", paging=spec.paging,
                             pti=spec.pti, workloads=sc.workloads,
                             kernel={"path": str(spec.kernel), **kernel_identity(spec.kernel)})
+    refusal = record_refusal(sc) if spec.record else ""
+    rr = RecordState()
     try:
-        _run_scenario(sc, spec, bugs, run_dir, cfg, result, design, record)
+        if refusal:
+            result.error = f"{sc.name} cannot be recorded: {refusal}"
+        else:
+            _run_scenario(sc, spec, bugs, run_dir, cfg, result, design, record, rr)
     finally:
         result.seconds = round(time.monotonic() - t0, 2)
         (run_dir / "findings.json").write_text(
@@ -277,10 +318,51 @@ def run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], parent: P
         )
         record.error, record.seconds = result.error, result.seconds
         record.write(run_dir)
+        if spec.record and not refusal:
+            write_recording(run_dir, cfg, result, record, rr)
         result.evidence = evidence_files(run_dir, result)
         if not result.passed:
             result.console_tail = console_tail(run_dir / "console.log")
     return result
+
+
+def first_failing(result: ScenarioResult, snapshots: Sequence[str]) -> tuple[str, list[str]]:
+    """The snapshot file of the first checkpoint where a host check failed, and those
+    failures as "check: message" ("" and [] when none failed), pure."""
+    failed: dict[str, list[str]] = {}
+    for f in result.findings:
+        if f.status is Status.FAIL and f.source == "host" and f.checkpoint:
+            failed.setdefault(f.checkpoint, []).append(f"{f.check}: {f.message}")
+    for rel in snapshots:
+        name = Path(rel).stem.split("@")[0]
+        if name in failed:
+            return rel, failed[name]
+    return "", []
+
+
+def write_recording(run_dir: Path, cfg: MachineConfig, result: ScenarioResult,
+                    record: ScenarioRecord, rr: RecordState) -> None:
+    """rr.json beside the scenario's rr.bin: what `testbed replay` needs."""
+    from testbed.boot.machine import kernel_cmdline
+
+    marks = rr.marks
+    failing, failed = first_failing(result, [m.file for m in marks])
+    initrd = run_dir / RR_INITRD
+    try:
+        kernel_sha = sha256_file(cfg.kernel)
+        initrd_sha = sha256_file(initrd) if initrd.is_file() else ""
+    except OSError as exc:
+        result.error = result.error or f"the recording cannot be kept: {exc}"
+        return
+    machine = {"kernel": str(cfg.kernel), "kernel_sha256": kernel_sha,
+               **{k: v for k, v in record.kernel.items() if k != "path"},
+               "accel": {"accel": cfg.accel.accel, "cpu": cfg.accel.cpu,
+                         "reason": cfg.accel.reason},
+               "mem_mib": cfg.mem_mib, "paging": cfg.paging, "pti": cfg.pti,
+               "append": cfg.append, "cmdline": kernel_cmdline(cfg),
+               "boot_timeout": cfg.boot_timeout}
+    Recording(result.scenario, machine, initrd_sha, marks, rr.end_icount, failing, failed,
+              result.seconds).write(run_dir)
 
 
 def kernel_identity(kernel: Path) -> dict[str, str]:
@@ -371,7 +453,7 @@ def _dump_hook(dumper: FailureDump | None, design: Design, snapshots: list[Snaps
 
 def _run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], run_dir: Path,
                   cfg: MachineConfig, result: ScenarioResult, design: Design,
-                  record: ScenarioRecord) -> None:
+                  record: ScenarioRecord, rr: RecordState | None = None) -> None:
     name = result.scenario
     result.reproduce = str(write_reproducer(run_dir, sc, spec, bugs))
     snapshots: list[Snapshot] = []
@@ -394,24 +476,42 @@ def _run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], run_dir:
             result.findings += kernel_log_findings(machine.console_log, name)
         return
     named = replace(sc, name=name)
+    rr = rr or RecordState()
+    marks = rr.marks
     try:
         with machine as m:
             assert m.qmp is not None
             _check_bugs(m, bugs, design)
-            snapper = LiveSnapshotter(m.qmp, m.ram_path, spec.kernel)
+            # recorded: no migration stream (it is no part of the recording)
+            snapper = LiveSnapshotter(m.qmp, m.ram_path, spec.kernel,
+                                      cpu_state="hmp" if cfg.rr else "migration")
             dumper = (FailureDump(m.qmp, run_dir, spec.dump, cfg.mem_mib, spec.kernel)
                       if spec.dump.enabled else None)
 
             def on_checkpoint(ck: Checkpoint) -> None:
                 assert snapper is not None
                 hook = _dump_hook(dumper, design, snapshots, named, record)
+                icount: list[int] = []
+                if cfg.rr:  # where the guest stopped: the replay stops there too
+                    def hook_rr(snap: Snapshot, dump: Any = hook) -> None:
+                        icount.append(m.replay_icount())
+                        if dump is not None:
+                            dump(snap)
+                    hook = hook_rr
                 snap = snapper.capture(ck.name, Trigger(ck.name, ck.pid, ck.tid, dict(ck.facts)),
                                        while_paused=hook)
-                record.snapshots.append(save_snapshot(snap, run_dir, record.snapshots))
+                rel = save_snapshot(snap, run_dir, record.snapshots, timing=not cfg.rr)
+                record.snapshots.append(rel)
                 snapshots.append(snap)
+                if cfg.rr:
+                    path = run_dir / rel
+                    marks.append(CheckpointMark(ck.name, rel, icount[-1], sha256_file(path),
+                                                path.stat().st_size, trigger_line(ck)))
 
             m.on_checkpoint = on_checkpoint
             res = m.run(guest_script(sc.workloads), timeout=WORKLOAD_TIMEOUT, label=sc.name)
+            if cfg.rr:
+                rr.end_icount = m.replay_icount()
             if m.last_stdout is not None:
                 record.output_file = m.last_stdout.name
             text = res.stdout.decode(errors="replace")
@@ -427,6 +527,13 @@ def _run_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], run_dir:
     result.findings += judge_scenario(design, named, snapshots, outputs, machine.checkpoint_log,
                                       machine.console_log, result.error)
     result.snapshots = {s.name: s for s in snapshots}
+
+
+def trigger_line(ck: Checkpoint) -> str:
+    """A checkpoint request as one canonical line (pure): how a replay shows it asked the
+    same."""
+    facts = " ".join(f"{k}={v}" for k, v in ck.facts.items())
+    return f"checkpoint {ck.name} {ck.pid} {ck.tid}" + (f" {facts}" if facts else "")
 
 
 def _run_selftest(sc: Scenario, machine: Machine, result: ScenarioResult,

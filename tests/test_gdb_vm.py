@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.boot.commands import GDB_SOCKET, gdb_command, gdb_qemu_args
+from testbed.boot.commands import GDB_SCRIPT, GDB_SOCKET, gdb_command, gdb_qemu_args
 
 
 def test_gdb_options_and_command_line(tmp_path: Path) -> None:
@@ -27,7 +27,8 @@ def test_gdb_options_and_command_line(tmp_path: Path) -> None:
     (kdir / "vmlinux").write_bytes(b"\x7fELF")
     cmd = gdb_command(tmp_path / "run dir", kdir / "bzImage")
     assert cmd.startswith(f"cd {shlex.quote(str(tmp_path / 'run dir'))} && gdb -q ")
-    assert f"{kdir / 'vmlinux'} -ex 'target remote gdb.sock'" in cmd
+    assert f"gdb -q {kdir / 'vmlinux'} -ex " in cmd
+    assert cmd.endswith(f"-ex 'source {GDB_SCRIPT}' -ex 'target remote gdb.sock'")
     (kdir / "vmlinux-gdb.py").write_text("")  # a build with CONFIG_GDB_SCRIPTS
     assert f"source {kdir / 'vmlinux-gdb.py'}" in gdb_command(tmp_path, kdir / "bzImage")
 

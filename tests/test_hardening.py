@@ -394,8 +394,7 @@ def test_live_snapshot_resumes_the_guest_whatever_happened(monkeypatch: pytest.M
     snapper.qmp = SyncQmp(client)  # type: ignore[assignment]
     snapper._view = object()  # type: ignore[assignment]
     snapper._froze = False
-    cpus = SimpleNamespace(vcpus=(), capture=SimpleNamespace(status_before="running",
-                                                             seconds=0.0, stopped_at=0.0))
+    cpus = SimpleNamespace(vcpus=(), status_before="running", seconds=0.0, stopped_at=0.0)
 
     async def paused() -> Any:
         return cpus

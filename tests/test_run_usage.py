@@ -40,6 +40,9 @@ SPEC = GuestSpec(kernel=Path("/k/bzImage"), initrd=Path("/i.cpio"),
     ["run", "--modes", ""],
     ["run", "--modes", "l5", "--paging", "4"],
     ["run", "--parallel", "0"],
+    ["run", "stale_tlb", "--record"],  # needs two CPUs: QEMU records one
+    ["run", "explore", "--record"],
+    ["run", "phases", "--record", "--accel", "kvm"],
 ])
 def test_usage_errors_exit_2_before_anything_boots(args: list[str], runs_dir: Path) -> None:
     res = run_testbed(*args, "--kernel", "/nonexistent/bzImage", timeout=60)

@@ -70,6 +70,10 @@ def _install(monkeypatch: pytest.MonkeyPatch, guest: FakeGuest) -> FakeQmp:
         def __enter__(self) -> FakeMachine:
             return self
 
+        def replay_icount(self) -> int:  # a recorded guest's instruction count
+            self.icount = getattr(self, "icount", 1000) + 1000
+            return self.icount
+
         def __exit__(self, *exc: object) -> None:
             pass
 
@@ -91,7 +95,7 @@ def _install(monkeypatch: pytest.MonkeyPatch, guest: FakeGuest) -> FakeQmp:
             return CommandResult(0, guest.output.encode(), b"", 0.1)
 
     class FakeSnapshotter:
-        def __init__(self, *a: Any) -> None:
+        def __init__(self, *a: Any, **kw: Any) -> None:
             self.by_name = {s.name: s for s in guest.snapshots}
 
         def capture(self, name: str, trigger: Any, while_paused: Any = None) -> Snapshot:
@@ -250,3 +254,44 @@ def test_report_judges_the_runners_folder_the_same(monkeypatch: pytest.MonkeyPat
     assert sorted((f.check, f.checkpoint, f.subject, f.status.value, f.message, f.source)
                   for f in j.result.findings) == key
     assert j.changes == [] and j.result.output == r.output and j.result.scenario == "pair@l5"
+
+
+def test_a_recorded_run_keeps_what_its_replay_needs(monkeypatch: pytest.MonkeyPatch,
+                                                    tmp_path: Path) -> None:
+    """--record: rr.json names each checkpoint's instruction count and its snapshot file's
+    sha256 (the file holds no timings), the first failing checkpoint, the machine."""
+    import hashlib
+
+    from testbed.boot.rr import Recording
+
+    _install(monkeypatch, FakeGuest(list(WRONG), _out("A: ok peer_read: 42")))
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(b"MZ kernel")
+    spec = runner.GuestSpec(kernel=kernel, initrd=Path("/k/initrd"),
+                            accel=Accel("tcg", "max", "test"), record=True)
+    r = runner.run_scenario(PAIR, spec, (), tmp_path / "runs")
+    run_dir = Path(r.run_dir)
+    rec = Recording.load(run_dir)
+    assert [c.name for c in rec.checkpoints] == ["enabled", "paired", "brk"]
+    counts = [c.icount for c in rec.checkpoints]
+    assert counts == sorted(counts) and rec.end_icount is not None and rec.end_icount > counts[-1]
+    assert rec.failing == "snapshots/paired.json"
+    assert any(f.startswith("slot_copies:") for f in rec.failed)
+    for c in rec.checkpoints:
+        data = (run_dir / c.file).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == c.sha256 and len(data) == c.size
+        assert json.loads(data)["timing"] == {}
+        assert c.trigger.startswith(f"checkpoint {c.name} 101 101")
+    assert rec.machine["kernel_sha256"] == hashlib.sha256(b"MZ kernel").hexdigest()
+    assert "testbed.ports=serial" in rec.machine["cmdline"]
+    assert (run_dir / "snapshot-timings.jsonl").is_file()
+
+
+def test_a_scenario_that_needs_two_cpus_is_not_recorded(monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
+    _install(monkeypatch, FakeGuest([], ""))
+    spec = runner.GuestSpec(kernel=Path("/k/bzImage"), initrd=Path("/k/initrd"),
+                            accel=Accel("tcg", "max", "test"), record=True)
+    r = runner.run_scenario(get_design("rpal").scenarios["stale_tlb"], spec, (), tmp_path)
+    assert "cannot be recorded: needs 2 CPUs" in r.error and not r.passed
+    assert not (Path(r.run_dir) / "rr.json").exists()

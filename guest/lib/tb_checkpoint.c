@@ -1,6 +1,8 @@
 /*
  * Guest end of the checkpoint channel: a virtio-serial port named
- * org.testbed.checkpoint. Protocol, one line each way:
+ * org.testbed.checkpoint, or else /dev/tb-checkpoint (a serial line the guest's
+ * init links there in recorded runs: QEMU's record/replay records serial ports,
+ * not virtio-serial ones). Protocol, one line each way:
  *   guest -> host: "checkpoint <name> <pid> <tid> [key=value ...]\n"
  *   host -> guest: "ok <name>\n" or "err <reason>\n"
  * flock() on the port serializes checkpoints of concurrent processes.
@@ -79,6 +81,17 @@ static int is_our_port(const char *port)
 	return strcmp(name, TB_CHECKPOINT_PORT) == 0;
 }
 
+/* The serial line of recorded runs, when there is no virtio port. */
+static int serial_port(char *dev, size_t cap)
+{
+	size_t len = 0;
+
+	dev[0] = 0;
+	if (access(TB_CHECKPOINT_SERIAL, F_OK) != 0)
+		return -1;
+	return put(dev, cap, &len, TB_CHECKPOINT_SERIAL);
+}
+
 static int find_port(char *dev, size_t cap)
 {
 	char ents[2048];
@@ -86,7 +99,7 @@ static int find_port(char *dev, size_t cap)
 	long n;
 
 	if (fd < 0)
-		return -1;
+		return serial_port(dev, cap);
 	while ((n = syscall(SYS_getdents64, fd, ents, sizeof(ents))) > 0) {
 		for (long off = 0; off < n;) {
 			struct dent64 *e = (struct dent64 *)(ents + off);
@@ -102,7 +115,7 @@ static int find_port(char *dev, size_t cap)
 		}
 	}
 	close(fd);
-	return -1;
+	return serial_port(dev, cap);
 }
 
 int tb_checkpoint(const char *name)

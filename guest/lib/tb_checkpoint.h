@@ -18,6 +18,8 @@
 #define TB_CHECKPOINT_H
 
 #define TB_CHECKPOINT_PORT "org.testbed.checkpoint"
+/* the serial line of recorded runs (images/initramfs/rcS.j2 links it) */
+#define TB_CHECKPOINT_SERIAL "/dev/tb-checkpoint"
 
 int tb_checkpoint(const char *name);
 

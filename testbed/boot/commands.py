@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import signal
 import sys
@@ -47,6 +48,17 @@ def add_machine_options(p: argparse.ArgumentParser) -> None:
 
 
 GDB_SOCKET = "gdb.sock"
+GDB_SCRIPT = Path(__file__).with_name("tb_gdb.py")  # the testbed's gdb commands (tb-walk)
+GDB_CONFIG = "tb-gdb.json"  # beside gdb.sock: how tb-walk calls the testbed
+
+
+def gdb_setup(run_dir: Path) -> Path:
+    """Write the run folder's tb-gdb.json: the testbed's Python and source tree, for the
+    gdb commands of tb_gdb.py (gdb's own Python has no testbed)."""
+    path = run_dir / GDB_CONFIG
+    path.write_text(json.dumps({"python": sys.executable, "source_root": str(paths.SOURCE_ROOT),
+                                "run_dir": str(run_dir.resolve())}, indent=1) + "\n")
+    return path
 
 
 def gdb_qemu_args() -> list[str]:
@@ -59,7 +71,8 @@ def gdb_qemu_args() -> list[str]:
 def gdb_command(run_dir: Path, kernel: Path) -> str:
     """The gdb command line for a guest started with --gdb: its vmlinux (beside a cached
     bzImage), the kernel tree's lx-* scripts when a vmlinux-gdb.py lies beside it (a
-    build with CONFIG_GDB_SCRIPTS), attached to the stub."""
+    build with CONFIG_GDB_SCRIPTS) and the testbed's own commands (tb-walk ADDR [PID]: the
+    page-table walk by the testbed's walker), attached to the stub."""
     from testbed.snapshot.memdump import kernel_files
 
     vmlinux = kernel_files(kernel).get("vmlinux")
@@ -70,7 +83,7 @@ def gdb_command(run_dir: Path, kernel: Path) -> str:
         if script.is_file():
             cmd += ["-iex", f"add-auto-load-safe-path {script.parent}", "-ex",
                     f"source {script}"]
-    cmd += ["-ex", f"target remote {GDB_SOCKET}"]
+    cmd += ["-ex", f"source {GDB_SCRIPT}", "-ex", f"target remote {GDB_SOCKET}"]
     return f"cd {shlex.quote(str(run_dir))} && {shlex.join(cmd)}"
 
 
@@ -211,6 +224,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     m = machine_from_args(args, "exec")
     boot_with_progress(m)
     if args.gdb:
+        gdb_setup(m.run_dir)
         print(f"testbed: gdb: {gdb_command(m.run_dir, m.cfg.kernel)}", file=sys.stderr,
               flush=True)
     snapper = None
@@ -256,6 +270,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
         print(f"console log: {m.console_log}")
         print(f"guest RAM:   {m.ram_path}")
         if args.gdb:
+            gdb_setup(m.run_dir)
             print(f"gdb:         {gdb_command(m.run_dir, m.cfg.kernel)}")
         if m.keys and m.ssh_port:
             from testbed.boot.ssh import ssh_command_line

@@ -16,6 +16,7 @@ import ctypes
 import fcntl
 import json
 import os
+import queue
 import re
 import signal
 import socket
@@ -29,12 +30,28 @@ from typing import Any, BinaryIO
 
 from testbed import paths
 from testbed.boot import console
+from testbed.boot.cmdport import (
+    MAX_REPLY_LINE,
+    ReplyParser,
+    command_file,
+    encode_command,
+    short_reply,
+)
 from testbed.boot.hostcaps import GUEST_KERNEL_PARAMS, QEMU, Accel, choose_accel
 from testbed.boot.kernelimage import KernelInfo, inspect_kernel
 from testbed.boot.qmp import QMP
-from testbed.boot.ssh import CommandResult, SshChannel, SshKeys, free_port, make_keys
+from testbed.boot.rr import MODES as RR_MODES
+from testbed.boot.rr import rr_qemu_args
+from testbed.boot.ssh import (
+    MAX_KEPT_OUTPUT,
+    CommandResult,
+    SshChannel,
+    SshKeys,
+    free_port,
+    make_keys,
+)
 from testbed.build.cpio import Entry
-from testbed.build.initramfs import READY_MARKER, with_overlay
+from testbed.build.initramfs import READY_MARKER, SERIAL_PORTS_PARAM, with_overlay
 from testbed.errors import (
     GuestError,
     GuestPanic,
@@ -68,6 +85,16 @@ class MachineConfig:
     # extra named virtio-serial ports, each a unix socket in the run folder (port_socket())
     serial_ports: tuple[str, ...] = ()
     extra_args: list[str] = field(default_factory=list)
+    # QEMU record/replay (testbed/boot/rr.py): "record" or "replay" the log `rr_log` (a
+    # path relative to the run folder). One vCPU under TCG, no SSH and no network:
+    # checkpoints and commands share the serial line ttyS1 (QEMU records serial lines
+    # only; testbed/boot/cmdport.py). A replay boots `initrd` as it is (the recording's
+    # image, no overlay) and starts stopped.
+    rr: str = ""
+    rr_log: str = ""
+    # the commands a recorded guest may run (Machine.run), put in its image: the host
+    # sends their number only (testbed/boot/cmdport.py)
+    rr_commands: tuple[str, ...] = ()
 
 
 def kernel_cmdline(cfg: MachineConfig) -> str:
@@ -76,6 +103,8 @@ def kernel_cmdline(cfg: MachineConfig) -> str:
         parts.append("no5lvl")
     if cfg.pti in ("on", "off"):
         parts.append(f"pti={cfg.pti}")
+    if cfg.rr:
+        parts.append(SERIAL_PORTS_PARAM)
     if cfg.append:
         parts.append(cfg.append)
     return " ".join(parts)
@@ -294,6 +323,13 @@ class Machine:
         self.last_stdout: Path | None = None  # command-N.stdout of the latest command
         self._stuck: str | None = None  # the guest could not be resumed after a snapshot
         self._ckpt_thread: threading.Thread | None = None
+        # record/replay: the command port's lines, taken from the checkpoint line (ttyS1
+        # carries both; None: the line closed), and who may write on that line
+        self._cmd_lines: queue.Queue[bytes | None] | None = (
+            queue.Queue() if cfg.rr else None)
+        self._cmd_lock = threading.Lock()
+        self._ckpt_sock: socket.socket | None = None
+        self._ckpt_write = threading.Lock()
 
     # ----- lifecycle -------------------------------------------------------------------------
 
@@ -320,6 +356,9 @@ class Machine:
             if not _PORT_NAME.fullmatch(name) or len(name) > 64:
                 raise self._fail(TestbedError, f"serial port name {name!r} is not usable "
                                  "(letters, digits, '.', '_', '-'; at most 64)")
+        problem = rr_problem(self.cfg)
+        if problem:
+            raise self._fail(TestbedError, problem)
         self.kernel_info = inspect_kernel(self.cfg.kernel)
         if not self.cfg.initrd.is_file():
             raise self._fail(TestbedError, f"initrd {self.cfg.initrd} does not exist")
@@ -344,6 +383,9 @@ class Machine:
         if self.cfg.ssh:
             self.keys = make_keys(self.run_dir / "ssh")
             overlay += list(self.keys.overlay)
+        if self.cfg.rr == "record":
+            overlay += [Entry.file(command_file(i), c.encode(), 0o644)
+                        for i, c in enumerate(self.cfg.rr_commands)]
         for guest_path, host_path in sorted(self.cfg.files.items()):
             try:
                 data = Path(host_path).read_bytes()
@@ -352,8 +394,11 @@ class Machine:
                                  f"({exc.strerror})") from exc
             mode = 0o755 if os.access(host_path, os.X_OK) else 0o644
             overlay.append(Entry.file(guest_path, data, mode))
-        initrd = with_overlay(self.cfg.initrd, overlay, self.run_dir / "initrd.cpio")
-        initrd.chmod(0o600)  # it holds the guest's SSH host key
+        if self.cfg.rr == "replay":  # the recording's image, byte for byte
+            initrd = self.cfg.initrd
+        else:
+            initrd = with_overlay(self.cfg.initrd, overlay, self.run_dir / "initrd.cpio")
+            initrd.chmod(0o600)  # it holds the guest's SSH host key
         for attempt in range(3):
             self.ssh_port = free_port() if self.cfg.ssh else None
             if self._launch(initrd):
@@ -381,13 +426,24 @@ class Machine:
             # is limited to 108 bytes, which deep run folders exceed
             "-qmp", f"unix:{self.qmp_socket.name},server=on,wait=off",
             "-device", "pvpanic",
+            "-action", "panic=pause,reboot=shutdown",
+        ]
+        if c.rr:
+            # a serial line, which QEMU records (virtio-serial ports it does not), for
+            # checkpoints and commands: COM2 has IRQ 3 to itself (COM3 would share IRQ 4
+            # with the console, and ISA lines in QEMU do not share); no virtio-rng (host
+            # entropy is not recorded), no network
+            return args + [
+                "-chardev", f"socket,id=ckpt,fd={ckpt_fd}", "-serial", "chardev:ckpt",
+                *rr_qemu_args(c.rr, c.rr_log),
+            ] + c.extra_args
+        args += [
             # entropy at once: without it the SSH server waits for the kernel's CRNG
             # (1.17 s -> 0.18 s to the first command on our own kernel)
             "-device", "virtio-rng-pci",
             "-device", "virtio-serial-pci,id=vser0",
             "-chardev", f"socket,id=ckpt,fd={ckpt_fd}",
             "-device", f"virtserialport,bus=vser0.0,chardev=ckpt,name={CHECKPOINT_PORT}",
-            "-action", "panic=pause,reboot=shutdown",
         ]
         for i, name in enumerate(c.serial_ports):
             args += [
@@ -421,6 +477,7 @@ class Machine:
             )
         theirs.close()
         ck_theirs.close()
+        self._ckpt_sock = ck_ours
         with self._stop_lock:
             if self._stopped:  # stop() came while we were starting: it must not be missed
                 ours.close()
@@ -458,13 +515,33 @@ class Machine:
             pass
 
     def _serve_checkpoints(self, sock: socket.socket) -> None:
-        with sock, sock.makefile("rb") as reader:
-            for line in bounded_lines(reader, MAX_LINE):
-                reply = self._serve_one(line)
-                try:
-                    sock.sendall(reply.encode())
-                except OSError:
-                    return
+        try:
+            with sock, sock.makefile("rb") as reader:
+                for line in bounded_lines(reader, MAX_LINE):
+                    if self._cmd_lines is not None and not (
+                            line is not None and line.startswith(b"checkpoint ")):
+                        self._command_line(line)
+                        continue
+                    reply = self._serve_one(line)
+                    if self.cfg.rr:
+                        reply = short_reply(reply)
+                    try:
+                        with self._ckpt_write:
+                            sock.sendall(reply.encode())
+                    except OSError:
+                        return
+        finally:
+            if self._cmd_lines is not None:
+                self._cmd_lines.put(None)
+
+    def _command_line(self, line: bytes | None) -> None:
+        """A line of the command port (record/replay: it shares ttyS1 with checkpoints)."""
+        assert self._cmd_lines is not None
+        if self.cfg.rr == "replay":  # the answers come again from the log: kept, unread
+            with open(self.run_dir / "command-port.log", "ab") as log:
+                log.write(line if line is not None else b"(a line too long)\n")
+            return
+        self._cmd_lines.put(line if line is not None else b"x" * (MAX_REPLY_LINE + 1))
 
     def _serve_one(self, line: bytes | None) -> str:
         """Handle one request line (None: a line over MAX_LINE, dropped); the reply."""
@@ -570,14 +647,25 @@ class Machine:
         stderr: BinaryIO | None = None,
         label: str | None = None,
     ) -> CommandResult:
-        """Run a shell command in the guest over SSH."""
-        if self._ssh is None:
+        """Run a shell command in the guest over SSH (or the serial command port of a
+        recorded guest)."""
+        if self.cfg.rr == "replay":
+            raise GuestError("a replayed guest takes no commands: they come from its log")
+        if self._ssh is None and self._cmd_lines is None:
             raise GuestError("the guest has no SSH channel (started with ssh=False?)")
         self._commands += 1
         base = self.run_dir / f"command-{self._commands}"
         self.last_stdout = Path(f"{base}.stdout")
         try:
             with open(f"{base}.stdout", "wb") as out, open(f"{base}.stderr", "wb") as err:
+                if self._ssh is None:
+                    res = self._run_serial(command, timeout, label or command)
+                    for stream, data in ((out, res.stdout), (err, res.stderr),
+                                         (stdout, res.stdout), (stderr, res.stderr)):
+                        if stream is not None:
+                            stream.write(data)
+                            stream.flush()
+                    return res
                 res = self._ssh.run(
                     command, timeout=timeout, stdout=stdout, stderr=stderr,
                     alive=self.check_alive, label=label, stdout_file=out, stderr_file=err,
@@ -597,6 +685,52 @@ class Machine:
             # a command that dies with the guest: report the guest's death, not the symptom
             self.check_alive()
             raise
+
+    def _run_serial(self, command: str, timeout: float | None, what: str) -> CommandResult:
+        """One command over the serial command port (a recorded guest: no SSH)."""
+        assert self._ckpt_sock is not None
+        t0 = time.monotonic()
+        deadline = None if timeout is None else t0 + timeout
+        parser = ReplyParser(MAX_KEPT_OUTPUT)
+        with self._cmd_lock:
+            try:
+                with self._ckpt_write:
+                    self._ckpt_sock.sendall(encode_command(self.cfg.rr_commands, command))
+            except OSError as exc:
+                self.check_alive()
+                raise GuestError(f"cannot send a command to the guest ({exc}): {what}"
+                                 ) from None
+            while not parser.feed(self._cmd_line(deadline, what)):
+                pass
+        assert parser.status is not None
+        return CommandResult(parser.status, parser.stdout, parser.stderr,
+                             time.monotonic() - t0, parser.truncated)
+
+    def _cmd_line(self, deadline: float | None, what: str) -> bytes:
+        """The next line from the command port; fails when QEMU or the kernel died, the
+        line closed, or at the deadline."""
+        assert self._cmd_lines is not None
+        while True:
+            if deadline is not None and time.monotonic() > deadline:
+                raise GuestTimeout(f"guest command did not finish in time: {what}")
+            try:
+                line = self._cmd_lines.get(timeout=0.25)
+            except queue.Empty:
+                self.check_alive()
+                continue
+            if line is None:
+                self._cmd_lines.put(None)  # closed for good
+                self.check_alive()
+                raise GuestError(f"the guest's command port closed during: {what}")
+            return line
+
+    def replay_icount(self) -> int:
+        """The guest's instruction count (QMP query-replay) of a recorded or replayed guest."""
+        got = self.execute("query-replay")
+        count = got.get("icount") if isinstance(got, dict) else None
+        if not isinstance(count, int):
+            raise GuestError(f"QMP query-replay gave no instruction count: {got!r}")
+        return count
 
     def port_path(self, name: str) -> Path:
         """The unix socket of the extra virtio-serial port `name` (MachineConfig.serial_ports)."""
@@ -651,10 +785,11 @@ class Machine:
                 pass
             os.close(self._ram_fd)
             self._ram_fd = None
-        try:
-            (self.run_dir / "initrd.cpio").unlink()  # an input rebuilt from cache + overlay
-        except FileNotFoundError:
-            pass
+        if self.cfg.rr != "record":  # a recording keeps its image: the replay boots it
+            try:
+                (self.run_dir / "initrd.cpio").unlink()  # rebuilt from cache + overlay
+            except FileNotFoundError:
+                pass
         with _live_lock:
             _live.discard(self)
         self._write_meta()
@@ -669,6 +804,7 @@ class Machine:
             "smp": self.cfg.smp,
             "mem_mib": self.cfg.mem_mib,
             "paging": self.cfg.paging,
+            "rr": self.cfg.rr,
             "qemu_pid": self.proc.pid if self.proc else None,
             "ram_file": str(self.ram_path),
             "qmp_socket": str(self.qmp_socket),
@@ -679,6 +815,25 @@ class Machine:
             "stopped": self._stopped,
         }
         (self.run_dir / "machine.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def rr_problem(cfg: MachineConfig) -> str:
+    """Why `cfg` cannot run under record/replay ("" when it can, or is not asked to)."""
+    if not cfg.rr:
+        return ""
+    if cfg.rr not in RR_MODES:
+        return f"record/replay mode {cfg.rr!r}: choose {' or '.join(RR_MODES)}"
+    if not cfg.rr_log:
+        return "record/replay needs the log's path (rr_log)"
+    if cfg.smp != 1:
+        return (f"QEMU records and replays one vCPU only: --smp {cfg.smp} cannot be "
+                "recorded")
+    if cfg.accel.accel != "tcg":
+        return "QEMU's record/replay needs TCG (-icount): not with -accel " + cfg.accel.accel
+    if cfg.ssh or cfg.serial_ports:
+        return ("a recorded guest has no SSH and no extra serial ports (they are not "
+                "replayed): it takes commands on its serial command port")
+    return ""
 
 
 def connect_unix(path: Path) -> socket.socket:

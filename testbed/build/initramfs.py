@@ -26,6 +26,9 @@ from testbed.build.cpio import Entry
 from testbed.errors import BuildError
 
 READY_MARKER = "testbed-ready"
+# On the kernel command line of a recorded run: the guest's init then serves checkpoints
+# (/dev/tb-checkpoint) and commands (images/initramfs/cmdport.sh) on ttyS1.
+SERIAL_PORTS_PARAM = "testbed.ports=serial"
 BUSYBOX = Path(os.environ.get("TESTBED_BUSYBOX", "/bin/busybox"))
 DROPBEAR = Path("/usr/sbin/dropbear")
 # Modules the guest needs when the kernel has them as modules (Debian's does);
@@ -171,6 +174,8 @@ def image_entries(spec: ImageSpec) -> tuple[list[Entry], tuple[str, ...]]:
         Entry.symlink("init", "/bin/busybox"),
         *(Entry.file(f"etc/{name}", _read(paths.IMAGES_DIR / "initramfs" / name, "template"))
           for name in ("inittab", "fstab")),
+        Entry.file("usr/sbin/tb-cmdport",
+                   _read(paths.IMAGES_DIR / "initramfs" / "cmdport.sh", "template"), 0o755),
     ]
     entries += busybox_entries()
     entries += ssh_server_entries()
@@ -204,6 +209,7 @@ def image_entries(spec: ImageSpec) -> tuple[list[Entry], tuple[str, ...]]:
         hostname=spec.hostname,
         extra_rc=spec.extra_rc,
         ready_marker=READY_MARKER,
+        serial_ports_param=SERIAL_PORTS_PARAM,
     )
     entries.append(Entry.file("etc/init.d/rcS", rcs.encode(), 0o755))
     return entries, tuple(loaded)

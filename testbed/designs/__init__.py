@@ -34,6 +34,10 @@ class Scenario:
     smp: int = 2
     selftest: str | None = None  # a kernel selftest suite to run instead (testbed selftest)
     design: str = ""  # the design it belongs to (set by the design's registry)
+    # CPUs it cannot do without, and why: QEMU records and replays one vCPU only, so a
+    # scenario that needs two cannot be run with --record
+    needs_cpus: int = 1
+    needs_cpus_why: str = ""
 
 
 # judge(snapshots, scenario) -> findings of the design's host checks

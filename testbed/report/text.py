@@ -35,7 +35,8 @@ def snapshot_rows(s: Snapshot) -> dict[str, Any]:
             "index": c.index,
             "cr3": "-" if isinstance(regs, Absent) else hx(regs.cr3),
             "cpl": "-" if isinstance(regs, Absent) else regs.cpl,
-            "pkru": "-" if isinstance(regs, Absent) else hx(regs.pkru),
+            "pkru": "-" if isinstance(regs, Absent) or isinstance(regs.pkru, Absent)
+            else hx(regs.pkru),
             "loaded_mm": "?" if isinstance(tlb, Absent) else hx(tlb.loaded_mm),
             "asid": "?" if isinstance(tlb, Absent) else tlb.loaded_mm_asid,
             "gen": "?" if isinstance(tlb, Absent) else (

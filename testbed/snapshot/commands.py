@@ -12,17 +12,48 @@ from testbed.errors import TestbedError
 from testbed.snapshot.model import Snapshot
 
 
+def _machine_meta(run_dir: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((run_dir / "machine.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise TestbedError(f"{run_dir} is not a run folder of a guest (no machine.json)") from exc
+    if not isinstance(meta, dict):
+        raise TestbedError(f"{run_dir}/machine.json is not an object")
+    if meta.get("stopped"):
+        raise TestbedError(f"the guest of {run_dir} is not running any more: inspect --dump")
+    return meta
+
+
+def _walk(args: argparse.Namespace) -> int:
+    """--walk ADDR: the page-table walk of ADDR in a task (--pid) or from a CR3 (--cr3),
+    read from guest memory alone (no QMP: the guest stays as it is, e.g. stopped by gdb)."""
+    from testbed.snapshot.kernel import KernelView
+    from testbed.snapshot.physmem import ElfDumpMemory, SharedFileMemory
+    from testbed.snapshot.walk import walk_lines
+
+    memory: Any
+    if args.run is not None:
+        meta = _machine_meta(args.run)
+        memory, kernel = SharedFileMemory(Path(meta["ram_file"])), Path(meta["kernel"])
+    else:
+        dump, folder, info = find_run_dump(args.dump)
+        kernel = args.vmlinux or dump_vmlinux(info, folder)
+        memory = ElfDumpMemory(dump)
+    try:
+        view = KernelView.attach(memory, kernel, cr3=args.cr3)
+        lines = walk_lines(view, args.walk, args.pid, args.cr3)
+    finally:
+        memory.close()
+    print("\n".join(lines))
+    return 0
+
+
 def _live(run_dir: Path) -> Snapshot:
     from testbed.boot.machine import connect_unix
     from testbed.boot.qmp import QMP
     from testbed.snapshot.live import LiveSnapshotter
 
-    try:
-        meta = json.loads((run_dir / "machine.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise TestbedError(f"{run_dir} is not a run folder of a guest (no machine.json)") from exc
-    if meta.get("stopped"):
-        raise TestbedError(f"the guest of {run_dir} is not running any more: inspect --dump")
+    meta = _machine_meta(run_dir)
     try:
         sock = connect_unix(run_dir / "qmp.sock")
     except OSError as exc:
@@ -139,6 +170,8 @@ def _judge_dump(snap: Snapshot, folder: Path, info: dict[str, Any]) -> list[Any]
 def cmd_inspect(args: argparse.Namespace) -> int:
     if (args.run is None) == (args.dump is None):
         raise TestbedError("give either --run DIR (a running guest) or --dump FILE|RUN_DIR")
+    if args.walk is not None:
+        return _walk(args)
     findings: list[Any] = []
     if args.run is not None:
         snap = _live(args.run)
@@ -208,4 +241,24 @@ def add_parser(sub: Any) -> None:
                    help="the dumped kernel (with --dump FILE outside a run folder)")
     p.add_argument("--json", action="store_true", help="print the snapshot as JSON")
     p.add_argument("--pid", type=int, help="only this process (its mappings are listed too)")
+    p.add_argument("--walk", type=address, metavar="ADDR",
+                   help="print the page-table walk of the virtual address ADDR instead, in "
+                        "the address space of --pid (both roots under PTI) or from --cr3: "
+                        "each level's entry with its flags, the slot and its copy mark at "
+                        "the 512 GiB level, the leaf's page and pkey (read from guest memory "
+                        "alone: a guest stopped by gdb stays stopped; gdb's tb-walk calls it)")
+    p.add_argument("--cr3", type=address, metavar="CR3",
+                   help="with --walk and no --pid: walk from this root")
     p.set_defaults(func=cmd_inspect)
+
+
+def address(text: str) -> int:
+    """argparse type of an address: 0x hex or decimal, 0 .. 2**64-1."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an address (0x... or decimal)"
+                                         ) from None
+    if not 0 <= value < 1 << 64:
+        raise argparse.ArgumentTypeError(f"{text} is not a 64-bit address")
+    return value

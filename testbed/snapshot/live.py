@@ -4,23 +4,45 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from testbed.boot.qmp import QMP
-from testbed.snapshot.cpustate import CpuSnapshot, snapshot_cpus
+from testbed.snapshot.cpustate import read_all_registers, snapshot_cpus
 from testbed.snapshot.kernel import KernelView
 from testbed.snapshot.kernel_image import KernelImage
 from testbed.snapshot.model import Snapshot, Trigger
 from testbed.snapshot.physmem import SharedFileMemory
-from testbed.snapshot.snapshot import assemble
+from testbed.snapshot.snapshot import Vcpu, assemble
+
+CPU_STATE = ("migration", "hmp")
+
+
+@dataclass(frozen=True)
+class _Paused:
+    """The guest stopped for a snapshot, and its vCPUs as read then."""
+
+    vcpus: Sequence[Vcpu]
+    status_before: str
+    seconds: float  # reading the vCPUs (the migration, or HMP)
+    stopped_at: float  # time.perf_counter() at the stop
 
 
 class LiveSnapshotter:
-    """Takes snapshots of one running guest; reuses the kernel's types and placement."""
+    """Takes snapshots of one running guest; reuses the kernel's types and placement.
 
-    def __init__(self, qmp: QMP, ram_path: Path, kernel: Path) -> None:
+    `cpu_state`: "migration" (default: every register, PKRU included, from a migration
+    stream) or "hmp" (HMP `info registers`, no PKRU: for a guest under QEMU's
+    record/replay, where a migration is not part of the recording).
+    """
+
+    def __init__(self, qmp: QMP, ram_path: Path, kernel: Path, *,
+                 cpu_state: str = "migration") -> None:
+        if cpu_state not in CPU_STATE:
+            raise ValueError(f"cpu_state {cpu_state!r}: one of {', '.join(CPU_STATE)}")
+        self.cpu_state = cpu_state
         self.qmp = qmp
         self.memory = SharedFileMemory(ram_path)
         self.image = KernelImage.from_paths(kernel)
@@ -63,12 +85,12 @@ class LiveSnapshotter:
         **assemble_args: Any
     ) -> Snapshot:
         t0 = time.perf_counter()
-        cpu_snap = self.qmp.run(self._pause_and_read_cpus())
-        was_running = cpu_snap.capture.status_before == "running"
+        paused = self.qmp.run(self._pause_and_read_cpus())
+        was_running = paused.status_before == "running"
         refused = 0
         try:
             t_cpus = time.perf_counter()
-            cpus = cpu_snap.vcpus
+            cpus = paused.vcpus
             if self._view is None:
                 levels = 5 if any(v.la57 for v in cpus) else 4
                 self._view = KernelView.attach(
@@ -95,9 +117,9 @@ class LiveSnapshotter:
         t_end = time.perf_counter()
         snap.timing.update(
             cpus_ms=round((t_cpus - t0) * 1000, 2),
-            migration_ms=round(cpu_snap.capture.seconds * 1000, 2),
+            migration_ms=round(paused.seconds * 1000, 2),
             attach_ms=round((t_attach - t_cpus) * 1000, 2),
-            paused_ms=round((t_end - cpu_snap.capture.stopped_at) * 1000, 2),
+            paused_ms=round((t_end - paused.stopped_at) * 1000, 2),
             cont_refused=refused,  # "Migration is not finalized yet" before the resume
             total_ms=round((t_end - t0) * 1000, 2),
         )
@@ -132,9 +154,20 @@ class LiveSnapshotter:
                 refused += 1
             time.sleep(0.005)
 
-    async def _pause_and_read_cpus(self) -> CpuSnapshot:
+    async def _pause_and_read_cpus(self) -> _Paused:
         """Stop a running guest and read its vCPUs; leave it stopped for the memory reads."""
-        return await snapshot_cpus(self.qmp.client, resume=False)
+        if self.cpu_state == "migration":
+            snap = await snapshot_cpus(self.qmp.client, resume=False)
+            cap = snap.capture
+            return _Paused(snap.vcpus, cap.status_before, cap.seconds, cap.stopped_at)
+        client = self.qmp.client
+        t_stop = time.perf_counter()
+        status = await client.execute("query-status")
+        before = str(status.get("status")) if isinstance(status, dict) else "unknown"
+        if before == "running":
+            await client.execute("stop")
+        regs = await read_all_registers(client)
+        return _Paused(tuple(regs), before, time.perf_counter() - t_stop, t_stop)
 
     def forget(self) -> None:
         """Drop what the page-table walker remembers from earlier snapshots."""

@@ -191,7 +191,8 @@ class TlbState:
 
 @dataclass(frozen=True)
 class Registers:
-    """A vCPU's registers at the pause, from the migration stream."""
+    """A vCPU's registers at the pause, from the migration stream (or, under QEMU's
+    record/replay, from HMP `info registers`: then PKRU is absent)."""
 
     cr0: int
     cr3: int
@@ -200,11 +201,11 @@ class Registers:
     cpl: int
     la57: bool
     pke: bool
-    pkru: int
+    pkru: int | Absent
     rip: int
 
 
-_REG_HEX = ("cr0", "cr3", "cr4", "efer", "pkru", "rip")
+_REG_HEX = ("cr0", "cr3", "cr4", "efer", "rip")
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,7 @@ class Cpu:
         if isinstance(self.regs, Registers):
             r = self.regs
             d.update({k: hx(getattr(r, k)) for k in _REG_HEX})
+            d["pkru"] = _enc(r.pkru) if isinstance(r.pkru, Absent) else hx(r.pkru)
             d.update(cpl=r.cpl, la57=r.la57, pke=r.pke)
         else:
             d["regs"] = self.regs.to_json()
@@ -234,7 +236,9 @@ class Cpu:
                 cr0=_hex(d, "cr0", where), cr3=_hex(d, "cr3", where), cr4=_hex(d, "cr4", where),
                 efer=_hex(d, "efer", where), cpl=_int(d, "cpl", where),
                 la57=_bool(d, "la57", where), pke=_bool(d, "pke", where),
-                pkru=_hex(d, "pkru", where), rip=_hex(d, "rip", where))
+                pkru=_absent_or(_get(d, "pkru", where), f"{where}.pkru",
+                                lambda v, w: _hex(d, "pkru", where)),
+                rip=_hex(d, "rip", where))
         tlb = _absent_or(_get(d, "tlb", where), f"{where}.tlb", TlbState.from_json)
         return cls(_int(d, "index", where), regs, tlb)
 

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
 from testbed.errors import TestbedError
+from testbed.snapshot.cpustate import HmpRegisters
 from testbed.snapshot.kernel import KernelView
 from testbed.snapshot.kernel import Mm as KMm
 from testbed.snapshot.kernel import Task as KTask
@@ -41,9 +42,24 @@ from testbed.snapshot.pagetable import Entry, EntryKind, MappingRange, PageTable
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "Trigger", "assemble", "hx"]
 
 
-def cpu_registers(v: VcpuState) -> Registers:
+# A vCPU as read at the pause: from the migration stream (with PKRU), or from HMP
+# `info registers` under QEMU's record/replay (no migration there: no PKRU).
+Vcpu = VcpuState | HmpRegisters
+PKRU_UNREAD = ("PKRU not read: under record/replay the registers come from HMP "
+               "'info registers', which has no PKRU")
+
+
+def vcpu_index(v: Vcpu) -> int:
+    return v.index if isinstance(v, VcpuState) else (v.cpu_index or 0)
+
+
+def vcpu_pkru(v: Vcpu) -> int | Absent:
+    return v.pkru if isinstance(v, VcpuState) else Absent(PKRU_UNREAD)
+
+
+def cpu_registers(v: Vcpu) -> Registers:
     return Registers(cr0=v.cr0, cr3=v.cr3, cr4=v.cr4, efer=v.efer, cpl=v.cpl, la57=v.la57,
-                     pke=v.pke, pkru=v.pkru, rip=v.rip)
+                     pke=v.pke, pkru=vcpu_pkru(v), rip=v.rip)
 
 
 def mapping_record(r: MappingRange, region: str | None = None) -> Mapping:
@@ -131,7 +147,7 @@ def _tlb(view: KernelView, index: int) -> TlbState | Absent:
 
 def assemble(
     view: KernelView,
-    vcpus: Sequence[VcpuState] = (),
+    vcpus: Sequence[Vcpu] = (),
     *,
     name: str = "",
     trigger: Trigger | None = None,
@@ -141,7 +157,7 @@ def assemble(
     """Read the paused guest into a Snapshot (see SNAPSHOT-SCHEMA.md)."""
     t0 = time.perf_counter()
     walker = view.walker
-    by_cpu = {v.index: v for v in vcpus}
+    by_cpu = {vcpu_index(v): v for v in vcpus}
     tasks = view.tasks()
     mms: dict[int, KMm] = {}
     mm_tasks: dict[int, list[KTask]] = {}
@@ -162,7 +178,7 @@ def assemble(
             continue
         pkru: int | Absent
         if t.running_on is not None and t.running_on in by_cpu:
-            pkru, source = by_cpu[t.running_on].pkru, f"cpu{t.running_on}"
+            pkru, source = vcpu_pkru(by_cpu[t.running_on]), f"cpu{t.running_on}"
         elif t.running_on is not None:
             # running, and its CPU's registers were not read: thread.pkru is from its last
             # switch out, not what it runs with now

@@ -25,7 +25,9 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("stale_tlb", "stale-TLB probe while the peer unmaps and re-protects",
                  ("tb-rpal_stale_probe",),
                  ("slot_confinement", "slot_copies", "keys", "pkru", "tlb_state", "claims",
-                  "tlb_shootdown", "faults", "exit"), design="rpal"),
+                  "tlb_shootdown", "faults", "exit"), design="rpal", needs_cpus=2,
+                 needs_cpus_why="its probe reads on one CPU while the peer unmaps and "
+                 "re-protects on the other: a stale TLB entry needs a second CPU"),
         Scenario("stray", "stray accesses without pairing, pkey faults, the WRPKRU gadget",
                  ("tb-rpal_stray",),
                  ("slot_confinement", "slot_copies", "keys", "pkru", "tlb_state", "claims",
@@ -37,7 +39,9 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("explore", "random RPAL operation sequences, judged after every step "
                  "(testbed explore, fixed seed, 30 s in each paging mode)", (),
                  ("result", "slot_confinement", "slot_copies", "keys", "pkru", "tlb_state",
-                  "claims", "faults", "exit", "ids"), design="rpal"),
+                  "claims", "faults", "exit", "ids"), design="rpal", needs_cpus=2,
+                 needs_cpus_why="its spinner reads and writes on the other CPU while a "
+                 "step flushes: the stale-TLB probes"),
         Scenario("protection_keys", "the kernel's own protection_keys selftest", (),
                  ("selftest:protection_keys",), selftest="protection_keys", design="rpal"),
     )
