@@ -105,13 +105,12 @@ def main(argv: list[str] | None = None) -> int:
             if a.json:
                 a.json.write_text(json.dumps([asdict(x) for x in rows], indent=1) + "\n")
     print()
-    print(f"{'bug':28s} " + " ".join(f"{'seed ' + str(s):>22s}" for s in seeds))
+    cells = {(r.bug, r.seed): f"{r.verdict[:6]} {r.check or '-'}/{r.steps or '-'}"
+             for r in rows}
+    width = max(len(c) for c in [*cells.values(), "seed 10"])  # never cut a cell
+    print(f"{'bug':28s} " + " ".join(f"{'seed ' + str(s):>{width}s}" for s in seeds))
     for bug in bugs:
-        cells = []
-        for seed in seeds:
-            r = next(x for x in rows if x.bug == bug and x.seed == seed)
-            cells.append(f"{r.verdict[:6]} {r.check or '-'}/{r.steps or '-'}"[:22].rjust(22))
-        print(f"{bug:28s} " + " ".join(cells))
+        print(f"{bug:28s} " + " ".join(cells[bug, seed].rjust(width) for seed in seeds))
     bad = [r for r in rows if (r.bug == "none" and r.exit != 0)
            or (r.bug != "none" and not (r.exit == 1 and r.named))]
     print(f"\n{len(rows) - len(bad)} of {len(rows)} runs as expected")
