@@ -324,6 +324,15 @@ static void *spin_thread(void *arg)
 	CPU_SET(s->cpu, &set);
 	sched_setaffinity(0, sizeof(set), &set);
 	s->tid = gettid_();
+	{
+		/* the PKRU this thread starts with, said before its first access: if that
+		 * faults and the fault cannot be delivered, the service dies with it */
+		struct ap_ans a;
+
+		ap_event(&a, "spinstart");
+		ap_add(&a, "svc=%s tid=%d pkru=0x%x", svc_name, (int)s->tid, pk_read());
+		send_line(&a);
+	}
 	if (sigsetjmp(g_env, 0)) {
 		s->f = g_fault;
 		s->faulted = 1;

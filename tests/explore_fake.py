@@ -48,9 +48,17 @@ class FakeAgent:
         self.calls: list[str] = []
         self.spinning: dict[str, bool] = {}
         self.cut: set[str] = set()
+        self._events: list[Answer] = []
 
     def events(self) -> list[Answer]:
-        return []
+        out, self._events = self._events, []
+        return out
+
+    def take_events(self, event: str, **fields: str) -> list[Answer]:
+        took = [a for a in self._events if a.event == event
+                and all(a.fields.get(k) == v for k, v in fields.items())]
+        self._events = [a for a in self._events if a not in took]
+        return took
 
     def call(self, op: str, **args: Any) -> Answer:
         self.calls.append(op + " " + " ".join(f"{k}={v}" for k, v in args.items()))
@@ -117,6 +125,13 @@ class FakeAgent:
             elif op in ("thread", "spin"):
                 self.tid += 1
                 f["tid"] = str(self.tid)
+                s = self.model.svc(step.svc)
+                if op == "spin" and s is not None and s.main_pkru is not None:
+                    # "spinner_pkru": the spinner thread starts with every key open
+                    pkru = 0 if "spinner_pkru" in self.faults else s.main_pkru
+                    self._events.append(Answer("event", {
+                        "svc": step.svc, "tid": str(self.tid), "pkru": hex(pkru)},
+                        event="spinstart"))
             elif op == "mmap":
                 s = self.model.svc(step.svc)
                 assert s is not None

@@ -50,6 +50,7 @@ def test_a_correct_fake_passes() -> None:
     ("lose_dead_key", "exit"),
     ("stale_spinner", "tlb_shootdown"),
     ("peer_limit", "peer_limit"),
+    ("spinner_pkru", "pkru"),
 ])
 def test_planted_fault_is_found_named_and_shrunk(fault: str, check: str) -> None:
     _, res = run({fault}, examples=200, steps=40)

@@ -307,6 +307,15 @@ class Agent:
         out, self._events = self._events, []
         return out
 
+    def take_events(self, event: str, **fields: str) -> list[Answer]:
+        """The events named `event` whose fields include `fields`; the others stay queued
+        for events()."""
+        self._events += self.events()
+        took = [a for a in self._events if a.event == event
+                and all(a.fields.get(k) == v for k, v in fields.items())]
+        self._events = [a for a in self._events if not any(a is t for t in took)]
+        return took
+
     def close(self) -> None:
         try:
             self.sock.close()

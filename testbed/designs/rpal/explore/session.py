@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from testbed.check.model import Finding
@@ -417,8 +417,18 @@ class Session:
                 + (f" ({pred.expect.why})" if pred.expect.why else ""),
                 index, step.svc, sent=rec.sent[-1], answer=a.text(),
                 expected=pred.expect.text()))
+        if step.op == "spin":
+            findings += self._judge_spin_start(step, index)
         spinning = {x.name for x in m.live() if x.spinner is not None}
         m.apply(step, a, now)
+        tlb_snap = None
+        if self.snap is not None and (pred.cutoff or spinning):
+            # The step's own flushes, read before its cut-offs are judged: stopping a
+            # spinner ends its thread, whose stack unmap flushes that service's mm and its
+            # peers'. Read after that, a peer's missing flush from the step (a fork's,
+            # say) hides behind the spinner's own (fork_cow_skips_peers with PTI, where
+            # the stale-TLB witness has no time to see it, was missed that way).
+            tlb_snap = self._capture(f"step-{index}-tlb")
         findings += self._after(step, pred, rec, index)
         self._track_held()
         # a spinner the model lost without a cut-off to judge (its region moved): stop
@@ -430,14 +440,12 @@ class Session:
                 self._call(rec, "spinstop", svc=name)
         self.steps_done += 1
         if self.snap is not None:
-            t0 = time.perf_counter()
-            snap = self.snap.capture(f"step-{index}")
-            self.seconds_snapshot += time.perf_counter() - t0
-            self.snapshots += 1
+            snap = self._capture(f"step-{index}")
             findings += oracles.snapshot_findings(snap, m, index)
             if self.last_snap is not None:
-                findings += oracles.tlb_step_findings(self.last_snap, snap, facts_before, m,
-                                                      pred, pids, index, actor, step.svc)
+                findings += oracles.tlb_step_findings(self.last_snap, tlb_snap or snap,
+                                                      facts_before, m, pred, pids, index,
+                                                      actor, step.svc)
             self.last_snap = snap
         if self.console is not None:
             findings += self.console.findings(index)
@@ -450,6 +458,35 @@ class Session:
         if bad:
             rec.check = bad[0].check
             raise failure_type(bad[0].check)(index, step, bad)
+
+    def _capture(self, name: str) -> Snapshot:
+        assert self.snap is not None
+        t0 = time.perf_counter()
+        snap = self.snap.capture(name)
+        self.seconds_snapshot += time.perf_counter() - t0
+        self.snapshots += 1
+        return snap
+
+    def _judge_spin_start(self, step: Step, index: int) -> list[Finding]:
+        """The PKRU a spinner thread says it started with (RDPKRU, a guest claim) against
+        the model's for a new thread: its creator's. A wrong one can kill the service at
+        the spinner's first access, before any snapshot sees the thread."""
+        s = self.model.svc(step.svc)
+        starts = self.agent.take_events("spinstart", svc=step.svc)
+        if s is None or s.main_pkru is None or not starts:
+            return []
+        want = s.main_pkru
+        out = []
+        for ev in starts:
+            got = ev.get_int("pkru")
+            f = oracles.finding(
+                "pkru", got == want,
+                f"{s.name}'s spinner thread {ev.fields.get('tid', '?')} started with PKRU "
+                f"{ev.fields.get('pkru', '?')}, the model expects 0x{want:x} (a new thread "
+                "inherits its creator's PKRU)", index, s.name, answer=ev.text(),
+                expected=f"pkru=0x{want:x}")
+            out.append(replace(f, source="guest"))
+        return out
 
     def _diagnose_death(self) -> str:
         """An enabled service died of SIGSEGV on its own new memory (a thread's stack, an

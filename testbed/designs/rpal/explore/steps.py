@@ -99,6 +99,10 @@ class Agent(Protocol):
         """Asynchronous events (`* stale ...`, `* exited ...`) received since the last call."""
         ...
 
+    def take_events(self, event: str, **fields: str) -> Sequence[AnswerLike]:
+        """The events named `event` with these fields; the others stay for events()."""
+        ...
+
 
 # si_codes of SIGSEGV
 SEGV_MAPERR = 1
