@@ -253,3 +253,26 @@ def test_shrink_keeps_the_found_sequence_when_nothing_fails_again(
     best, runs = shrink_steps(None, found)  # type: ignore[arg-type]
     assert best is found and best.flaky and len(best.steps) == 12
     assert runs == len(calls) > 2
+
+
+@pytest.mark.parametrize("once", [True, False])
+def test_qemu_dying_under_hypothesis_is_a_qemu_crash_not_an_explorer_bug(once: bool) -> None:
+    """QEMU 7.2 segfaulted in a 120 s run: hypothesis, replaying the example to report
+    it, met no crash the second time (or another one) and said Flaky; the run was
+    reported as an internal error of the explorer. It is the guest's QemuCrash."""
+    from testbed.errors import QemuCrash
+
+    s = session()
+    real = s._run
+    calls = 0
+
+    def crashing(*a, **k):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls == 5 or (not once and calls > 5):
+            raise QemuCrash("QEMU died (signal 11)")
+        return real(*a, **k)
+
+    s._run = crashing  # type: ignore[method-assign]
+    with pytest.raises(QemuCrash, match="signal 11"):
+        explore(s, seed=1, steps=20, seconds=60, services=4, max_examples=5)

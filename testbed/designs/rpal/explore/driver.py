@@ -94,6 +94,9 @@ class _Recorder:
         self.session = session
         self.seen: list[Failure] = []
         self.errors: list[str] = []  # tracebacks of the explorer's own errors
+        # errors of the guest or QEMU (a crash, a broken agent) met inside hypothesis,
+        # which may report them only as an inconsistent replay (Flaky)
+        self.guest_errors: list[Exception] = []
         self.examples = 0
 
     def wrap(self) -> None:
@@ -107,6 +110,10 @@ class _Recorder:
                 trace = [r for r in rec.session.trace if r.answer != SKIPPED]
                 rec.seen.append(Failure(exc.check, len(trace) - 1, str(exc),
                                         [r.step for r in trace], trace, exc.findings))
+                raise
+            except (AgentBroken, TestbedError) as exc:
+                rec.guest_errors.append(exc)
+                rec.errors.append(traceback.format_exc())
                 raise
             except Exception:
                 rec.errors.append(traceback.format_exc())
@@ -217,6 +224,8 @@ def explore(session: Session, *, seed: int, steps: int, seconds: float, services
             raise ExplorerBug(rec.errors[-1] if rec.errors else traceback.format_exc()) \
                 from exc
         if final is not None:
+            if not rec.seen and rec.guest_errors:
+                raise rec.guest_errors[-1]  # QEMU died, say: no verdict, and not our bug
             if not rec.seen and rec.errors:
                 raise ExplorerBug(rec.errors[-1])
             res.failure = _pick(rec.seen, final)
