@@ -119,11 +119,14 @@ class FakeQmp:
             self.status = "running"
         elif cmd == "getfd":
             assert args is not None
+            await asyncio.sleep(0)  # QEMU's main thread takes the fd meanwhile
             self.fdname = args["fdname"]
         elif cmd == "migrate-set-capabilities":
             assert args is not None
             self.capabilities |= {c["capability"] for c in args["capabilities"] if c["state"]}
         elif cmd == "migrate":
+            # sent while getfd ran, it raced QEMU 7.2's chardev into a segfault
+            assert self.fdname, "migrate sent before getfd answered"
             assert args == {"uri": f"fd:{self.fdname}"}
             assert self.status != "running", "migrating a running VM"
             if self.status == "postmigrate":

@@ -350,7 +350,12 @@ async def take_migration_stream(
                 steps.append(("query-status", None))
             if state in (None, "running"):
                 steps.append(("stop", None))
-            steps += [("getfd", {"fdname": name}), ("migrate", {"uri": f"fd:{name}"})]
+            steps.append(("getfd", {"fdname": name}))
+            # migrate goes out only once getfd has answered: QEMU 7.2's socket chardev
+            # takes the passed fd in the main thread (getfd) while its monitor thread may
+            # be receiving the next command, and both touch the same fd array unlocked
+            # (tcp_get_msgfds vs tcp_chr_recv): QEMU died of a NULL read there
+            # (qemu-system-x86_64+0x8d1787) about once an hour of explore.
             results = dict(
                 zip(
                     (cmd for cmd, _ in steps),
@@ -360,6 +365,10 @@ async def take_migration_stream(
                     strict=True,
                 )
             )
+            results["migrate"] = None  # not sent when getfd failed (its error is raised)
+            if not isinstance(results["getfd"], BaseException):
+                results["migrate"] = (await asyncio.gather(
+                    qmp.execute("migrate", {"uri": f"fd:{name}"}), return_exceptions=True))[0]
             queried = results.get("query-status")
             if isinstance(queried, dict):
                 before = state = str(queried.get("status"))
