@@ -14,6 +14,7 @@ from typing import Any
 from testbed.check.model import ScenarioResult
 
 from . import slotgraph
+from .review import review_rows
 from .common import (
     RunMeta,
     case_counts,
@@ -77,6 +78,7 @@ def _scenario_view(
         "good": good,
         "figures": figures,
         "output": r.output,
+        "review": review_rows(r),
         "evidence": [] if r.passed else list(r.evidence.items()),
         "console_tail": r.console_tail,
     }

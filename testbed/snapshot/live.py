@@ -136,6 +136,13 @@ class LiveSnapshotter:
         """Stop a running guest and read its vCPUs; leave it stopped for the memory reads."""
         return await snapshot_cpus(self.qmp.client, resume=False)
 
+    def walker_and_memory(self) -> tuple[Any, Callable[[int, int], bytes]]:
+        """The page-table walker and the RAM reader of the attached view (after a first
+        capture; for a `while_paused` hook that reads more of the paused guest)."""
+        if self._view is None:
+            raise RuntimeError("no snapshot taken yet: the kernel view is not attached")
+        return self._view.walker, self.memory.read
+
     def forget(self) -> None:
         """Drop what the page-table walker remembers from earlier snapshots."""
         if self._view is not None:
