@@ -118,9 +118,19 @@ static int result(struct ctx *c, const char *obs, const char *fmt, ...)
 	return 0;
 }
 
+/* "EFAULT" for -EFAULT, "8" for 8 (eight buffers: several in one printf) */
 static const char *errstr(long r)
 {
-	return r < 0 ? rpal_errname((int)r) : "0";
+	static char buf[8][24];
+	static int k;
+	char *b = buf[k++ & 7];
+	const char *name = r < 0 ? strerrorname_np((int)-r) : NULL;
+
+	if (r >= 0)
+		snprintf(b, sizeof(buf[0]), "%ld", r);
+	else
+		snprintf(b, sizeof(buf[0]), "%s", name ? name : "E?");
+	return b;
 }
 
 /* a read through the kernel (write(2) of @addr into a pipe): -errno or the value */
@@ -178,8 +188,10 @@ static int judged_by_value(struct ctx *c, int got, uint64_t v, uint64_t secret,
 	if (got && v == secret)
 		return result(c, "open", "%s: read the secret %#llx (%s)", what,
 			      (unsigned long long)v, how);
-	return result(c, "blocked", "%s: no secret (%s%s%#llx)", what, how,
-		      got ? "; value " : "", (unsigned long long)(got ? v : 0));
+	if (got)
+		return result(c, "blocked", "%s: no secret (%s; value %#llx)", what, how,
+			      (unsigned long long)v);
+	return result(c, "blocked", "%s: no secret (%s)", what, how);
 }
 
 static int guarded_read(struct ctx *c, const void *p, uint64_t secret, const char *what)
@@ -1003,7 +1015,7 @@ static int a_fork_child_request(struct ctx *c)
 static int a_exec_then_read(struct ctx *c)
 {
 	char rfd[16], wfd[16];
-	char *argv[] = { "/proc/self/exe", "execd", (char *)c->row, rfd, wfd, NULL };
+	char *argv[] = { "/proc/self/exe", "execd", rfd, wfd, (char *)c->row, NULL };
 
 	snprintf(rfd, sizeof(rfd), "%d", c->l->rfd);
 	snprintf(wfd, sizeof(wfd), "%d", c->l->wfd);
@@ -1088,9 +1100,12 @@ static int a_threads_before_enable(struct ctx *c)
 		return result(c, "error", "no answer from the early thread");
 	if (res.r == 8 && read(t_probe_r, &v, 8) != 8)
 		res.r = -EIO;
+	char what[128];
+
 	ev(c, "thread_pkru=%#llx thread_read=%s", (unsigned long long)res.pkru, errstr(res.r));
-	return judged_by_value(c, res.r == 8, v, SECRET, "a thread created before ENABLE "
-			       "(PKRU now %#llx) reads the victim's secret through write(2)",
+	snprintf(what, sizeof(what), "a thread created before ENABLE (PKRU now %#llx) reads the "
+		 "victim's secret through write(2)", (unsigned long long)res.pkru);
+	return judged_by_value(c, res.r == 8, v, SECRET, what,
 			       res.r == 8 ? "copied" : errstr(res.r));
 }
 
@@ -1413,7 +1428,7 @@ static pid_t spawn_w(struct ctx *c, int *rfd, int *wfd)
 {
 	int ab[2], ba[2];
 	char r[16], w[16], pk[16];
-	char *argv[] = { "/proc/self/exe", "w", (char *)c->row, r, w, pk, NULL };
+	char *argv[] = { "/proc/self/exe", "w", r, w, (char *)c->row, pk, NULL };
 	pid_t pid;
 
 	if (pipe(ab) || pipe(ba))
@@ -1445,11 +1460,12 @@ int main(int argc, char **argv)
 			  !strcmp(argv[1], "execd") || !strcmp(argv[1], "w"))) {
 		struct rpal_link l;
 
-		row = find_row(argv[2]);
+		/* ROLE RFD WFD ROW [PKEY]: as rpal_run_pair() starts the roles */
+		row = find_row(argv[4]);
 		if (!row)
 			return 2;
 		rpal_link_init(&l, !strcmp(argv[1], "execd") ? "attacker" : argv[1],
-			       atoi(argv[3]), atoi(argv[4]));
+			       atoi(argv[2]), atoi(argv[3]));
 		if (!strcmp(argv[1], "victim"))
 			return victim(&l, row, VICTIM_PKEY, SECRET);
 		if (!strcmp(argv[1], "w")) {

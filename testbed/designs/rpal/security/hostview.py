@@ -9,8 +9,10 @@ attacker's page tables hold an entry of their own (unmarked) for the victim's sl
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping as MappingABC
 from typing import Any
 
+from testbed.errors import TestbedError
 from testbed.snapshot.model import SLOT_SHIFT, Absent, Mapping, Mm, SlotEntry, Snapshot, hx
 
 ROLES = ("victim", "attacker")
@@ -54,8 +56,45 @@ def leaf_at(mappings: tuple[Mapping, ...] | Absent, va: int) -> dict[str, Any] |
             "phys": hx(phys) if phys is not None else None}
 
 
-def host_view(snap: Snapshot) -> dict[str, Any]:
-    """What the host saw at the row's checkpoint (a JSON-ready dict)."""
+def _addresses(snap: Snapshot) -> dict[str, int]:
+    return {k: a for k in ADDRESS_FACTS if (a := _int(snap.facts.get(k))) is not None}
+
+
+def _roots(snap: Snapshot) -> dict[str, int]:
+    out = {}
+    for role in ROLES:
+        pid = _int(snap.facts.get(f"{role}.pid"))
+        mm = snap.mm_of(pid) if pid is not None else None
+        if mm is not None:
+            out[role] = mm.user_pgd if mm.user_pgd is not None else mm.pgd
+    return out
+
+
+def translations(snap: Snapshot, translate: Callable[[int, int], Any]) -> dict[str, Any]:
+    """role -> address name -> the walk of that address in the role's page tables (with
+    PTI the user root's): each level's raw entry and the leaf's phys, pkey, flags.
+    `translate(root, va)` is the page-table walker's (read while the guest is paused)."""
+    out: dict[str, Any] = {}
+    addrs = _addresses(snap)
+    for role, root in _roots(snap).items():
+        per: dict[str, Any] = {}
+        for name, va in addrs.items():
+            try:
+                t = translate(root, va)
+            except TestbedError as exc:
+                per[name] = {"error": exc.one_line()}
+                continue
+            per[name] = {
+                "path": [f"L{e.level} {hx(e.raw)}" for e in t.path], "mapped": t.mapped,
+                "phys": hx(t.phys) if t.phys is not None else None, "pkey": t.pkey,
+                "write": t.write, "user": t.user, "nx": t.nx}
+        out[role] = per
+    return out
+
+
+def host_view(snap: Snapshot, walks: MappingABC[str, Any] | None = None) -> dict[str, Any]:
+    """What the host saw at the row's checkpoint (a JSON-ready dict); `walks`: the
+    translations() taken while the guest was paused, if any."""
     facts = snap.facts
     vid = _int(facts.get("victim.id"))
     vslot = vid + 1 if vid is not None else None
@@ -80,6 +119,8 @@ def host_view(snap: Snapshot) -> dict[str, Any]:
                 view["victim_slot_user_entry"] = _slot_entry(mm, vslot, user=True)
         maps = threads[0].mappings if threads else ()
         view["leaves"] = {k: leaf_at(maps, a) for k, a in addrs.items()}
+        if walks is not None and role in walks:
+            view["walks"] = walks[role]
     att = out["attacker"].get("victim_slot_entry")
     out["own_entry_in_victim_slot"] = (isinstance(att, dict) and att["present"]
                                        and not att["marker"])

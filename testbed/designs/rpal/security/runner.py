@@ -18,7 +18,7 @@ from testbed.boot.machine import Checkpoint, Machine
 from testbed.check.model import Finding, ScenarioResult, Status
 from testbed.designs import Scenario
 from testbed.designs.rpal.security.gadgets import Scan, scan_services
-from testbed.designs.rpal.security.hostview import host_view
+from testbed.designs.rpal.security.hostview import host_view, translations
 from testbed.designs.rpal.security.judge import CHECK, judge_row
 from testbed.designs.rpal.security.observe import Observation, parse_output
 from testbed.designs.rpal.security.table import Row, load_table
@@ -80,21 +80,24 @@ def run_security_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], 
             live = snapper
 
             def on_checkpoint(ck: Checkpoint) -> None:
-                def scan_now(snap: Snapshot) -> None:
+                walks: dict[str, Any] = {}
+
+                def while_paused(snap: Snapshot) -> None:
                     walker, read = live.walker_and_memory()
+                    walks.clear()
+                    walks.update(translations(snap, walker.translate))
+                    if ck.name in SCAN_ROWS:
+                        def phys(root: int, va: int) -> int | None:
+                            return walker.translate(root, va).phys
 
-                    def translate(root: int, va: int) -> int | None:
-                        return walker.translate(root, va).phys
+                        scans[ck.name] = scan_services(snap, _roles(snap), phys, read)
 
-                    scans[ck.name] = scan_services(snap, _roles(snap), translate, read)
-
-                hook = scan_now if ck.name in SCAN_ROWS else None
                 snap = live.capture(ck.name, Trigger(ck.name, ck.pid, ck.tid, dict(ck.facts)),
-                                    while_paused=hook)
+                                    while_paused=while_paused)
                 rel = save_snapshot(snap, run_dir, taken)
                 taken.append(rel)
                 snaps.setdefault(ck.name, rel)
-                views.setdefault(ck.name, host_view(snap))
+                views.setdefault(ck.name, host_view(snap, walks))
 
             m.on_checkpoint = on_checkpoint
             res = m.run(" ".join([PROGRAM, *(r.name for r in rows)]) + " 2>&1",
