@@ -14,7 +14,6 @@ from typing import Any
 from testbed.check.model import ScenarioResult
 
 from . import slotgraph
-from .review import review_rows
 from .common import (
     RunMeta,
     case_counts,
@@ -24,6 +23,7 @@ from .common import (
     pretty_evidence,
     totals,
 )
+from .review import review_rows
 
 
 def _anchor(name: str, used: set[str]) -> str:

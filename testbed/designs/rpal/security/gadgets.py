@@ -106,7 +106,10 @@ Translate = Callable[[int, int], int | None]  # (root, va) -> phys or None
 Read = Callable[[int, int], bytes]
 
 
-def executable_ranges(snap: Snapshot, pid: int) -> tuple[int | None, list[tuple[int, int, int, bool]]]:
+Range = tuple[int, int, int, bool]  # start, end, phys of start, physically contiguous
+
+
+def executable_ranges(snap: Snapshot, pid: int) -> tuple[int | None, list[Range]]:
     """(root, [(start, end, phys_start, contiguous)]) of the executable user leaves of
     `pid`'s mm that lie outside slots where its entry is a marked copy (pure)."""
     task = next((t for t in snap.tasks if t.pid == pid), None)

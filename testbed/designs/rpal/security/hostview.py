@@ -9,7 +9,8 @@ attacker's page tables hold an entry of their own (unmarked) for the victim's sl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping as MappingABC
+from collections.abc import Callable
+from collections.abc import Mapping as MappingABC
 from typing import Any
 
 from testbed.errors import TestbedError
