@@ -43,6 +43,9 @@ def _registrars() -> list[Registrar]:
     from testbed.designs.rpal.explore import cli as explore_cli
 
     regs.append(explore_cli.add_parser)
+    from testbed.designs.rpal.security import cli as security_cli
+
+    regs.append(security_cli.add_parser)
     return regs
 
 

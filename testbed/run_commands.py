@@ -78,7 +78,8 @@ def guest_spec(args: argparse.Namespace) -> tuple[GuestSpec, dict[str, float]]:
     print(f"testbed: {accel.describe()}", file=sys.stderr)
     spec = GuestSpec(kernel=kernel, initrd=image.path, accel=accel, paging=modes[0].paging,
                      pti=modes[0].pti, append=args.append, dump=dump_policy(args),
-                     record=record)
+                     record=record,
+                     extra=dict(getattr(args, "scenario_options", None) or {}))
     return spec, timings
 
 
@@ -93,14 +94,18 @@ def record_accel(want: str, paging: int) -> Any:
     return Accel(tcg.accel, tcg.cpu, "TCG: --record (QEMU's record/replay needs -icount)")
 
 
-def recordable(scenarios: list[Any], named: bool) -> list[Any]:
+OWN_RUNNER_REFUSAL = "the design runs it its own way (its own guest), not as a recorded run"
+
+
+def recordable(scenarios: list[Any], named: bool, design: Any = None) -> list[Any]:
     """The scenarios --record can run: one it cannot is a usage error when named, and is
     left out (said on stderr) when the run takes every scenario."""
     from testbed.runner import record_refusal
 
+    own_runners = design.extra.get("scenario_runners", {}) if design is not None else {}
     out = []
     for sc in scenarios:
-        why = record_refusal(sc)
+        why = record_refusal(sc) or (OWN_RUNNER_REFUSAL if sc.name in own_runners else "")
         if not why:
             out.append(sc)
         elif named:
@@ -270,9 +275,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     started = time.time()
     check_usage(args)
     design = _design(args)
-    scenarios = design.select(args.scenario)
-    if args.record:
-        scenarios = recordable(scenarios, bool(args.scenario))
+    scenarios = design.select(args.scenario, args.suite)
+    if getattr(args, "record", False):
+        scenarios = recordable(scenarios, bool(args.scenario), design)
         if args.accel == "kvm":
             record_accel(args.accel, 5)
     modes = run_modes(args)
@@ -352,6 +357,21 @@ def _parent(run_dir: Path | None, kind: str) -> Path:
     if run_dir is None:
         return paths.new_run_dir(kind)
     return paths.make_private(paths.prepare_run_dir(run_dir))
+
+
+def bugs_for(design: Design, scenarios: Sequence[Any]) -> list[str]:
+    """The injected bugs a matrix of these scenarios runs by default: every bug, except
+    those named only by checks that only scenarios of a suite left out declare (the
+    security review's bugs need `--suite security`). Pure."""
+    chosen = {s.name for s in scenarios}
+    declared_in = {c: {s.name for s in design.scenarios.values() if c in s.checks}
+                   for c in design.checks}
+    suite_only = {c for c, where in declared_in.items()
+                  if where and all(design.scenarios[s].suite for s in where)
+                  and not where & chosen}
+    infos = all_checks(design)
+    return [b for b in design.bugs
+            if not all(c in suite_only for c, i in infos.items() if b in i.bugs)]
 
 
 def matrix_rows(per_bug: dict[str, list[list[ScenarioResult]]], checks: list[str],
@@ -448,9 +468,9 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     started = time.time()
     check_usage(args)
     design = _design(args)
-    scenarios = design.select(args.scenario)
+    scenarios = design.select(args.scenario, args.suite)
     modes = run_modes(args)
-    bugs = [""] + list(args.bug or design.bugs)
+    bugs = [""] + list(args.bug or bugs_for(design, scenarios))
     runs = expand_modes(scenarios, modes)
     all_jobs = [(rep, (sc, (b,) if b else (), mode)) for rep in range(args.repeat)
                 for b in bugs for sc, mode in runs]
@@ -479,7 +499,8 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         r.repeat = rep
     infos = all_checks(design)
     # every bug must show when all scenarios ran, or when the bugs were chosen by name
-    must_show = bool(args.bug) or (len(scenarios) == len(design.scenarios)
+    default = design.select(None, args.suite)
+    must_show = bool(args.bug) or ({s.name for s in scenarios} >= {s.name for s in default}
                                    and not args.keyword)
     info = {"bugs": bugs, "repeat": args.repeat, "scenarios": [s.name for s in scenarios],
             "modes": [m.name for m in modes], "must_show": must_show}
@@ -528,7 +549,8 @@ def listing(design: Design) -> dict[str, Any]:
         "design": design.name,
         "scenarios": [{"name": sc.name, "title": sc.title, "workloads": list(sc.workloads),
                        "selftest": sc.selftest, "smp": sc.smp, "checks": list(sc.checks),
-                       "needs_cpus": sc.needs_cpus, "record": _record_note(sc),
+                       "needs_cpus": sc.needs_cpus, "record": _record_note(sc, design),
+                       "suite": sc.suite,
                        "modes": [m for m in DEFAULT_MODES[:1 if sc.selftest else None]]}
                       for sc in design.scenarios.values()],
         "checks": [{**c.to_dict(), "scenarios": [sc.name for sc in design.scenarios.values()
@@ -541,10 +563,11 @@ def listing(design: Design) -> dict[str, Any]:
     }
 
 
-def _record_note(sc: Any) -> str:
+def _record_note(sc: Any, design: Design) -> str:
     from testbed.runner import record_refusal
 
-    why = record_refusal(sc)
+    why = record_refusal(sc) or (
+        OWN_RUNNER_REFUSAL if sc.name in design.extra.get("scenario_runners", {}) else "")
     return f"no: {why}" if why else "yes (one vCPU)"
 
 
@@ -557,7 +580,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     for sc in doc["scenarios"]:
         how = ("; ".join(sc["workloads"]) or (f"selftest {sc['selftest']}" if sc["selftest"]
                                               else "run by the design"))
-        print(f"  {sc['name']:<16} {sc['title']}\n  {'':<16} runs: {how}\n"
+        suite = f" (suite {sc['suite']}: --suite {sc['suite']})" if sc["suite"] else ""
+        print(f"  {sc['name']:<16} {sc['title']}{suite}\n  {'':<16} runs: {how}\n"
               f"  {'':<16} checks: {', '.join(sc['checks'])}\n"
               f"  {'':<16} --record: {sc['record']}")
     print("\nchecks (source: host = judged from snapshots, guest = the workloads' verdicts):")
@@ -577,7 +601,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 def _common(p: argparse.ArgumentParser) -> None:
     design = get_design(DEFAULT_DESIGN)
     p.add_argument("scenario", nargs="*",
-                   help=f"scenarios (default all: {', '.join(design.scenarios)})")
+                   help=f"scenarios (default all but the suites': "
+                        f"{', '.join(s.name for s in design.select(None))})")
+    p.add_argument("--suite", choices=design.suites or None, default=None,
+                   help=f"the scenarios of a suite instead ({', '.join(design.suites)}: the "
+                        "security review, SECURITY.md); left out of the default job")
     p.add_argument("--kernel", type=Path,
                    help=f"bzImage with vmlinux or System.map beside it, or a cached build's "
                         f"key (default: the "

@@ -259,8 +259,9 @@ def test_testbed_list_says_what_can_be_recorded() -> None:
     rows = {sc["name"]: sc for sc in listing(DESIGN)["scenarios"]}
     assert rows["stale_tlb"]["record"].startswith("no: needs 2 CPUs")
     assert rows["phases"]["record"].startswith("yes")
+    assert rows["security"]["record"].startswith("no: the design runs it its own way")
     scs = list(DESIGN.scenarios.values())
-    assert [s.name for s in recordable(scs, named=False)] == [
+    assert [s.name for s in recordable(scs, named=False, design=DESIGN)] == [
         "phases", "pair", "same_pkey", "stray", "limits"]
     with pytest.raises(UsageError, match="stale_tlb cannot be recorded"):
         recordable([DESIGN.scenarios["stale_tlb"]], named=True)

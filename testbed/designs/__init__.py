@@ -38,6 +38,9 @@ class Scenario:
     # scenario that needs two cannot be run with --record
     needs_cpus: int = 1
     needs_cpus_why: str = ""
+    # a suite of its own (e.g. "security"): left out of the default selection, run with
+    # `testbed run --suite NAME` (or by name)
+    suite: str = ""
 
 
 # judge(snapshots, scenario) -> findings of the design's host checks
@@ -75,9 +78,17 @@ class Design:
     def bug_append(self, bugs: Sequence[str]) -> str:
         return f"{self.bug_param}={','.join(bugs)}" if bugs else ""
 
-    def select(self, names: Sequence[str] | None) -> list[Scenario]:
+    @property
+    def suites(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(s.suite for s in self.scenarios.values() if s.suite))
+
+    def select(self, names: Sequence[str] | None, suite: str | None = None) -> list[Scenario]:
+        """The scenarios named, else those of `suite`, else the default job (no suite)."""
+        if suite is not None and suite not in self.suites:
+            raise TestbedError(f"unknown suite {suite}: choose from "
+                               f"{', '.join(self.suites) or 'none'}")
         if not names:
-            return list(self.scenarios.values())
+            return [s for s in self.scenarios.values() if s.suite == (suite or "")]
         unknown = [n for n in names if n not in self.scenarios]
         if unknown:
             raise TestbedError(

@@ -23,6 +23,7 @@ from .common import (
     pretty_evidence,
     totals,
 )
+from .review import review_rows
 
 
 def _anchor(name: str, used: set[str]) -> str:
@@ -77,6 +78,7 @@ def _scenario_view(
         "good": good,
         "figures": figures,
         "output": r.output,
+        "review": review_rows(r),
         "evidence": [] if r.passed else list(r.evidence.items()),
         "console_tail": r.console_tail,
     }

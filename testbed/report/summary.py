@@ -67,7 +67,10 @@ def render_summary(
             }
         )
     name_width = max((len(printable(r.scenario)) for r in results), default=0)
-    return text_env().get_template("summary.txt.j2").render(
+    from .review import render_review_text
+
+    review = render_review_text(results)
+    return (review + "\n" if review else "") + text_env().get_template("summary.txt.j2").render(
         meta=meta,
         by_source=check_sources(meta),
         scenarios=scenarios,

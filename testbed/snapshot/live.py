@@ -169,6 +169,13 @@ class LiveSnapshotter:
         regs = await read_all_registers(client)
         return _Paused(tuple(regs), before, time.perf_counter() - t_stop, t_stop)
 
+    def walker_and_memory(self) -> tuple[Any, Callable[[int, int], bytes]]:
+        """The page-table walker and the RAM reader of the attached view (after a first
+        capture; for a `while_paused` hook that reads more of the paused guest)."""
+        if self._view is None:
+            raise RuntimeError("no snapshot taken yet: the kernel view is not attached")
+        return self._view.walker, self.memory.read
+
     def forget(self) -> None:
         """Drop what the page-table walker remembers from earlier snapshots."""
         if self._view is not None:

@@ -17,6 +17,13 @@ from testbed.designs.rpal.output import OUTPUT_CHECKS
 from testbed.designs.rpal.scenarios import SCENARIOS
 
 
+def _run_security(*args: Any) -> None:
+    """The scenario security: the review's rows (imported when it runs)."""
+    from testbed.designs.rpal.security.runner import run_security_scenario
+
+    run_security_scenario(*args)
+
+
 def _run_explore(*args: Any) -> None:
     """The scenario explore: a bounded `testbed explore` (imported when it runs)."""
     from testbed.designs.rpal.explore.scenario import run_explore_scenario
@@ -39,5 +46,5 @@ DESIGN = Design(
     output_checks=OUTPUT_CHECKS,
     judge_snapshots=judge,
     check_kernel=requires,
-    extra={"scenario_runners": {"explore": _run_explore}},
+    extra={"scenario_runners": {"explore": _run_explore, "security": _run_security}},
 )

@@ -119,6 +119,15 @@ CHECKS: dict[str, CheckInfo] = {
 # the design-independent kernel_log check, with the reference kernel's bug named for it
 CHECKS[KERNEL_LOG.name] = replace(KERNEL_LOG, bugs=("warn_on_release", "peer_flush_own_gen"))
 # the explorer's judge of each operation's answer against the model of the spec
+# the security review's rows (testbed/designs/rpal/SECURITY.md, security/judge.py)
+CHECKS["security"] = CheckInfo(
+    "security", "Security review",
+    "each attack between a victim and an attacker service is blocked where the design says "
+    "it is (SECURITY.md: expected blocked) and shown where the design names a known "
+    "weakness; a row contradicting its expectation fails",
+    ("signal_pkru_inherit", "pkey_mprotect_foreign_allowed", "fork_keeps_copy",
+     "enable_opens_threads", "placeholder_may_access"),
+)
 CHECKS["result"] = CheckInfo(
     "result", "Operation results",
     "every operation returns what the spec says (value or errno; where the spec leaves it "
@@ -129,7 +138,7 @@ CHECKS["result"] = CheckInfo(
 
 # the checks judged from snapshots (kernel_log reads the console, result the answers)
 HOST_CHECKS = tuple(n for n, c in CHECKS.items()
-                    if c.source == "host" and n not in (KERNEL_LOG.name, "result"))
+                    if c.source == "host" and n not in (KERNEL_LOG.name, "result", "security"))
 
 
 def expected_pkru(pkey: int) -> int:

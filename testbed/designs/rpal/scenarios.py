@@ -44,5 +44,9 @@ SCENARIOS: dict[str, Scenario] = {
                  "step flushes: the stale-TLB probes"),
         Scenario("protection_keys", "the kernel's own protection_keys selftest", (),
                  ("selftest:protection_keys",), selftest="protection_keys", design="rpal"),
+        # testbed/designs/rpal/SECURITY.md: one row per attack, judged against the doc
+        Scenario("security", "security review: attacks between a victim and an attacker "
+                 "service, each row judged against SECURITY.md", ("tb-rpal_security",),
+                 ("security",), design="rpal", suite="security"),
     )
 }
