@@ -100,7 +100,18 @@ def _slot_rule(obs: Observation | None, host: Mapping[str, Any] | None,
                     "host")
 
 
+def _window_rule(obs: Observation | None, host: Mapping[str, Any] | None,
+                 scan: Scan | None) -> Observed:
+    from testbed.designs.rpal.security.window import judge_window
+
+    pid = (host or {}).get("attacker", {}).get("pid")
+    value, message = judge_window((host or {}).get("window"), pid)
+    guest = f"; guest: {obs.message}" if obs is not None and obs.message else ""
+    return Observed(value, message + guest, "host")
+
+
 HOST_RULES: dict[str, HostRule] = {
+    "enable_window": _window_rule,
     "gadget_scan": _scan_rule,
     "gadget_planted": _planted_rule,
     "slot_after_deputies": _slot_rule,
