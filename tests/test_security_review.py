@@ -486,3 +486,26 @@ def test_the_enable_watch_judgement():
     f = judge.judge_row(row, obs("ROW enable_window host pkru_before=0x55555554 | before"),
                         host, None)
     assert f.status is Status.PASS and f.evidence["observed"] == "open" and f.source == "host"
+
+
+def test_run_leaves_the_suite_out_unless_asked():
+    from conftest import run_testbed
+
+    default = run_testbed("run", "--dry-run", "--modes", "l5")
+    assert default.returncode == 0, default.stderr
+    assert "security@l5" not in default.stdout
+    suite = run_testbed("run", "--suite", "security", "--dry-run", "--modes", "l5")
+    assert suite.returncode == 0, suite.stderr
+    assert "1 scenario run(s) would run" in suite.stdout and "security@l5" in suite.stdout
+    bad = run_testbed("run", "--suite", "nope", "--dry-run")
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_shared_memfd_names_the_one_physical_page_with_its_two_pkeys():
+    row = table.Row("shared_memfd", "aliasing", "weakness", "r")
+    line = obs("ROW shared_memfd open alias=0x27ffbeffe000 | read the secret")
+    host = {"attacker": {"walks": {"alias": {"phys": "0x1dcf000", "pkey": 9}}},
+            "victim": {"walks": {"victim_alias": {"phys": "0x1dcf000", "pkey": 5}}}}
+    f = judge.judge_row(row, line, host, None)
+    assert f.status is Status.PASS and "one physical page 0x1dcf000, pkey 5" in f.message
+    assert judge.judge_row(row, line, {}, None).status is Status.PASS  # no walk: the guest's

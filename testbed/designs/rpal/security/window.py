@@ -90,10 +90,12 @@ class WatchResult:
     error: str = ""
     skip: str = ""
     seconds: float = 0.0
+    others: list[str] = field(default_factory=list)  # stops that were no breakpoint hit
 
     def to_dict(self) -> dict[str, Any]:
         return {"sites": self.sites, "hits": [h.to_dict() for h in self.hits],
-                "error": self.error, "skip": self.skip, "seconds": round(self.seconds, 2)}
+                "error": self.error, "skip": self.skip, "seconds": round(self.seconds, 2),
+                "other_stops": self.others[:50]}
 
 
 def _value(resp: dict[str, Any]) -> str:
@@ -148,6 +150,11 @@ class EnableWatch:
         self._gdb = GdbController(command=["gdb", "--nx", "--quiet", "--interpreter=mi3",
                                            str(self.vmlinux)])
         self._cmd(f"-environment-cd {self.run_dir}", 60)
+        # gdb reads the vmlinux's DWARF for task_struct on first use (about 10 s): before
+        # it attaches, so that the guest is not held stopped meanwhile
+        for expr in ("sizeof(struct task_struct)", "&current_task",
+                     "((struct task_struct *)0)->comm"):
+            _value(self._cmd(f'-data-evaluate-expression "{expr}"', 180))
         r = self._cmd(f"-target-select remote {GDB_SOCKET}", 30)
         if r.get("message") != "connected":
             raise RuntimeError(f"gdb did not connect to {GDB_SOCKET}: {r}")
@@ -180,19 +187,27 @@ class EnableWatch:
             self.result.hits.append(Hit(site, rip, eax, pid, name.split("\\")[0], for_pid))
 
     def _loop(self) -> None:
-        try:
-            while not self._stop.is_set():
+        """Record each breakpoint hit and let the guest go on after every stop, whatever
+        its reason: a stop left unanswered would leave the guest stopped for good."""
+        while not self._stop.is_set():
+            try:
                 if not self._stops:
                     self._take(self._gdb.get_gdb_response(timeout_sec=0.02,
                                                           raise_error_on_timeout=False))
                     continue
                 stop = self._stops.pop(0)
-                if (stop.get("payload") or {}).get("reason") == "breakpoint-hit":
+                reason = (stop.get("payload") or {}).get("reason", "")
+                if reason == "breakpoint-hit":
                     self._hit()
-                    if not self._stop.is_set():
-                        self._cmd("-exec-continue")
-        except Exception as exc:  # noqa: BLE001 - a watch that broke: said in the row
-            self.result.error = f"gdb: {exc}"
+                else:
+                    self.result.others.append(str(reason or "stopped"))
+                self._cmd("-exec-continue")
+            except Exception as exc:  # noqa: BLE001 - a watch that broke: said in the row
+                self.result.error = self.result.error or f"gdb: {exc}"
+                try:
+                    self._cmd("-exec-continue", 5)
+                except Exception:  # noqa: BLE001 - disarm() detaches, which resumes too
+                    return
 
     def disarm(self) -> WatchResult:
         """Stop watching: delete the breakpoints, detach (the guest runs on)."""
