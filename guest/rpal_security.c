@@ -1109,10 +1109,20 @@ static int a_threads_before_enable(struct ctx *c)
 			       res.r == 8 ? "copied" : errstr(res.r));
 }
 
+static uint32_t pkru_before_enable;
+
+/* the host arms its watch of every WRPKRU in the kernel (gdbstub) at this checkpoint */
+static void pre_enable_window(struct ctx *c)
+{
+	pkru_before_enable = rdpkru();
+	rpal_checkpoint(c->l, "enable_window_arm", "row=enable_window phase=arm");
+}
+
 static int a_enable_window(struct ctx *c)
 {
-	return result(c, "skip", "the host would stop the guest in the enable path (gdbstub) "
-		      "and read the PKRU there: not driven by this testbed yet");
+	ev(c, "pkru_before=%#x pkru_after=%#x", pkru_before_enable, rdpkru());
+	return result(c, "host", "PKRU %#x before ENABLE, %#x after; the host watched every "
+		      "PKRU write in between", pkru_before_enable, rdpkru());
 }
 
 /* ------------------------------------------------------------------ direct */
@@ -1241,7 +1251,7 @@ static const struct row rows[] = {
 	ROW(fork_child_request, 1, a_fork_child_request),
 	ROW(exec_then_read, 1, a_exec_then_read),
 	{ "threads_before_enable", 1, 0, a_threads_before_enable, pre_threads_before_enable },
-	ROW(enable_window, 0, a_enable_window),
+	{ "enable_window", 0, 0, a_enable_window, pre_enable_window },
 	ROW(direct_read, 1, a_direct_read),
 	ROW(direct_write, 1, a_direct_write),
 	ROW(request_one_sided, 0, a_request_one_sided),

@@ -40,6 +40,7 @@ PACKAGES: dict[str, str] = {
     "kmod": "module dependency data",
     "python3-venv": "the project's virtual environment",
     "openssh-client": "ssh into a guest kept up by `testbed boot`",
+    "gdb": "the security review's watch of ENABLE through QEMU's gdbstub (row enable_window)",
 }
 
 

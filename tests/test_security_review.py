@@ -439,3 +439,73 @@ def test_security_dry_run_names_the_one_guest():
     p = run_testbed("security", "--dry-run", "--modes", "l5")
     assert p.returncode == 0, p.stderr
     assert "1 scenario run(s) would run" in p.stdout and "security@l5" in p.stdout
+
+
+# --------------------------------------------------------------------------- the ENABLE watch
+
+
+def test_wrpkru_sites_are_found_in_an_object_and_named_by_function(tmp_path: Path):
+    import shutil
+    import subprocess
+
+    from testbed.designs.rpal.security.window import wrpkru_sites
+
+    if shutil.which("gcc") is None:
+        pytest.skip("no gcc")
+    src = tmp_path / "w.c"
+    src.write_text("void a(void) { __asm__ volatile(\"nop; nop\"); }\n"
+                   "void b(unsigned v) { __asm__ volatile(\"nop; wrpkru\" :: \"a\"(v), \"c\"(0),"
+                   " \"d\"(0)); }\n")
+    obj = tmp_path / "w.o"
+    subprocess.run(["gcc", "-O2", "-c", "-o", str(obj), str(src)], check=True)
+    sites = wrpkru_sites(obj)
+    assert len(sites) == 1 and sites[0][1].startswith("b+0x")
+
+
+def test_the_enable_watch_judgement():
+    from testbed.designs.rpal.security.window import judge_window
+
+    def hit(value: str, pid: int, site: str = "write_pkru+0x12", for_pid: int | None = None):
+        return {"site": site, "value": value, "pid": pid, "comm": "exe",
+                "for_pid": pid if for_pid is None else for_pid}
+
+    sites = ["0x1 write_pkru+0x12", "0x2 __switch_to+0x286"]
+    ok = {"sites": sites, "hits": [hit("0xfff3ffff", 52), hit("0x55555554", 9, "__switch_to+0x286",
+                                                             -1)]}
+    assert judge_window(ok, 52)[0] == "blocked" and "0xfff3ffff" in judge_window(ok, 52)[1]
+    opened = {"sites": sites, "hits": [hit("0x0", 52)]}
+    value, msg = judge_window(opened, 52)
+    assert value == "open" and "PKRU 0" in msg
+    assert judge_window({"sites": sites, "hits": [hit("0x0", 7)]}, 52)[0] == "error"
+    assert judge_window(None, 52)[0] == "error"
+    assert judge_window({"skip": "no gdb on this host"}, 52) == ("skip",
+                                                                "not watched: no gdb on this host")
+    assert judge_window({"error": "gdb: boom", "hits": []}, 52)[0] == "error"
+    row = table.Row("enable_window", "windows", "either", "r")
+    host = {"attacker": {"pid": 52}, "window": opened}
+    f = judge.judge_row(row, obs("ROW enable_window host pkru_before=0x55555554 | before"),
+                        host, None)
+    assert f.status is Status.PASS and f.evidence["observed"] == "open" and f.source == "host"
+
+
+def test_run_leaves_the_suite_out_unless_asked():
+    from conftest import run_testbed
+
+    default = run_testbed("run", "--dry-run", "--modes", "l5")
+    assert default.returncode == 0, default.stderr
+    assert "security@l5" not in default.stdout
+    suite = run_testbed("run", "--suite", "security", "--dry-run", "--modes", "l5")
+    assert suite.returncode == 0, suite.stderr
+    assert "1 scenario run(s) would run" in suite.stdout and "security@l5" in suite.stdout
+    bad = run_testbed("run", "--suite", "nope", "--dry-run")
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_shared_memfd_names_the_one_physical_page_with_its_two_pkeys():
+    row = table.Row("shared_memfd", "aliasing", "weakness", "r")
+    line = obs("ROW shared_memfd open alias=0x27ffbeffe000 | read the secret")
+    host = {"attacker": {"walks": {"alias": {"phys": "0x1dcf000", "pkey": 9}}},
+            "victim": {"walks": {"victim_alias": {"phys": "0x1dcf000", "pkey": 5}}}}
+    f = judge.judge_row(row, line, host, None)
+    assert f.status is Status.PASS and "one physical page 0x1dcf000, pkey 5" in f.message
+    assert judge.judge_row(row, line, {}, None).status is Status.PASS  # no walk: the guest's

@@ -176,6 +176,10 @@ class LiveSnapshotter:
             raise RuntimeError("no snapshot taken yet: the kernel view is not attached")
         return self._view.walker, self.memory.read
 
+    def kaslr_offset(self) -> int | None:
+        """The kernel's KASLR offset as the attached view found it (None before a capture)."""
+        return self._view.layout.kaslr_offset if self._view is not None else None
+
     def forget(self) -> None:
         """Drop what the page-table walker remembers from earlier snapshots."""
         if self._view is not None:

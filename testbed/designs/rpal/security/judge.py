@@ -100,7 +100,36 @@ def _slot_rule(obs: Observation | None, host: Mapping[str, Any] | None,
                     "host")
 
 
+def _alias_rule(obs: Observation | None, host: Mapping[str, Any] | None,
+                scan: Scan | None) -> Observed:
+    """shared_memfd: the guest's read, and the host's walks of both mappings of the page."""
+    g = _guest(obs)
+    try:
+        a = (host or {})["attacker"]["walks"]["alias"]
+        v = (host or {})["victim"]["walks"]["victim_alias"]
+    except (KeyError, TypeError):
+        return Observed(g.value, f"{g.message}; host: no walk of the two mappings", "guest")
+    if a.get("phys") and a.get("phys") == v.get("phys"):
+        return Observed(g.value, f"{g.message}; host: one physical page {a['phys']}, pkey "
+                        f"{v.get('pkey')} in the victim's tables, {a.get('pkey')} in the "
+                        f"attacker's", "host")
+    return Observed(g.value, f"{g.message}; host: victim's mapping {v.get('phys')}, "
+                    f"attacker's {a.get('phys')}", "host")
+
+
+def _window_rule(obs: Observation | None, host: Mapping[str, Any] | None,
+                 scan: Scan | None) -> Observed:
+    from testbed.designs.rpal.security.window import judge_window
+
+    pid = (host or {}).get("attacker", {}).get("pid")
+    value, message = judge_window((host or {}).get("window"), pid)
+    guest = f"; guest: {obs.message}" if obs is not None and obs.message else ""
+    return Observed(value, message + guest, "host")
+
+
 HOST_RULES: dict[str, HostRule] = {
+    "enable_window": _window_rule,
+    "shared_memfd": _alias_rule,
     "gadget_scan": _scan_rule,
     "gadget_planted": _planted_rule,
     "slot_after_deputies": _slot_rule,

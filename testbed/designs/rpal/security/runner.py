@@ -11,6 +11,7 @@ table (row, expected, observed, verdict, evidence file).
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from testbed.designs.rpal.security.hostview import host_view, translations
 from testbed.designs.rpal.security.judge import CHECK, judge_row
 from testbed.designs.rpal.security.observe import Observation, parse_output
 from testbed.designs.rpal.security.table import Row, load_table
+from testbed.designs.rpal.security.window import EnableWatch, WatchResult, available
 from testbed.errors import TestbedError
 from testbed.rundir import save_snapshot
 from testbed.runner import GuestSpec, _check_bugs, machine_config
@@ -30,6 +32,7 @@ from testbed.snapshot.model import Snapshot, Trigger
 
 PROGRAM = "tb-rpal_security"
 SCAN_ROWS = ("gadget_scan", "gadget_planted")
+WINDOW_ROW, WINDOW_ARM = "enable_window", "enable_window_arm"
 TIMEOUT = 900.0
 EVIDENCE_DIR = "security"
 
@@ -65,6 +68,17 @@ def run_security_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], 
         result.error = exc.one_line()
         return
     cfg = machine_config(sc, spec, bugs)
+    watch_why, vmlinux = "", None
+    if any(r.name == WINDOW_ROW for r in rows):
+        from testbed.boot.commands import gdb_qemu_args
+        from testbed.snapshot.memdump import kernel_files
+
+        vmlinux = kernel_files(spec.kernel).get("vmlinux")
+        watch_why = available() or ("" if vmlinux else "no vmlinux beside the kernel")
+        if not watch_why:
+            cfg = replace(cfg, extra_args=[*cfg.extra_args, *gdb_qemu_args()])
+    watch: EnableWatch | None = None
+    window: dict[str, Any] | None = None
     machine = Machine(cfg, run_dir)
     views: dict[str, dict[str, Any]] = {}
     scans: dict[str, Scan] = {}
@@ -80,7 +94,23 @@ def run_security_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], 
             live = snapper
 
             def on_checkpoint(ck: Checkpoint) -> None:
+                nonlocal watch, window
                 walks: dict[str, Any] = {}
+                if ck.name == WINDOW_ARM:  # before the attacker's ENABLE: no snapshot
+                    if watch_why:
+                        window = WatchResult(skip=watch_why).to_dict()
+                        return
+                    assert vmlinux is not None
+                    watch = EnableWatch(run_dir, Path(vmlinux), live.kaslr_offset() or 0)
+                    try:
+                        watch.arm()
+                    except Exception as exc:  # noqa: BLE001 - the row says it
+                        window = watch.disarm().to_dict()
+                        window["error"] = f"arming the watch: {exc}"
+                        watch = None
+                    return
+                if ck.name == WINDOW_ROW and watch is not None:
+                    window, watch = watch.disarm().to_dict(), None
 
                 def while_paused(snap: Snapshot) -> None:
                     walker, read = live.walker_and_memory()
@@ -106,8 +136,12 @@ def run_security_scenario(sc: Scenario, spec: GuestSpec, bugs: tuple[str, ...], 
     except TestbedError as exc:
         result.error = exc.one_line()
     finally:
+        if watch is not None:
+            window = watch.disarm().to_dict()
         if snapper is not None:
             snapper.close()
+    if window is not None:
+        views.setdefault(WINDOW_ROW, {})["window"] = window
     result.output = output
     result.findings += judge_all(rows, parse_output(output), views, scans, snaps, run_dir,
                                  result.scenario, ran=not result.error)
