@@ -166,6 +166,21 @@ def _thread_default_pkru() -> list[Snapshot]:
     return [with_task(rpal_snapshot(), 101, pkru=0x55555554)]
 
 
+def _pkey_mprotect_foreign_allowed() -> list[Snapshot]:
+    s = rpal_snapshot()  # pkey_mprotect(..., B's key) went through: a page of A's slot has 2
+    return [with_task(s, 101, mappings=(*service_maps(1, 1), leaf(1, 0x20000000, 1, 2)))]
+
+
+def _enable_opens_threads() -> list[Snapshot]:
+    # a thread of A created before ENABLE, whose PKRU the enable opened
+    return [with_task(rpal_snapshot(), 101, pkru=0)]
+
+
+def _signal_pkru_inherit() -> list[Snapshot]:
+    # A in a signal handler that began with the interrupted PKRU: B's key 2 open as well
+    return [with_task(rpal_snapshot(), 101, pkru=pkru_for(1) & ~(3 << 4))]
+
+
 def _peer_generation_stayed(owner_pid: int) -> Snaps:
     def make() -> list[Snapshot]:
         before = rpal_snapshot("before")
@@ -179,6 +194,9 @@ BUG_ROWS: dict[str, tuple[Snaps, str]] = {
     "pkey0_mprotect_allowed": (_pkey0_mprotect_allowed, "keys"),
     "mremap_drops_pkey": (_mremap_drops_pkey, "keys"),
     "thread_default_pkru": (_thread_default_pkru, "pkru"),
+    "pkey_mprotect_foreign_allowed": (_pkey_mprotect_foreign_allowed, "keys"),
+    "enable_opens_threads": (_enable_opens_threads, "pkru"),
+    "signal_pkru_inherit": (_signal_pkru_inherit, "pkru"),
     # the per-path flush bugs all show as an owner's flush that left the peer's generation
     "dontneed_skips_peers": (_peer_generation_stayed(101), "tlb_state"),
     "mremap_move_skips_peers": (_peer_generation_stayed(102), "tlb_state"),

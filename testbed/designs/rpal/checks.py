@@ -56,12 +56,13 @@ CHECKS: dict[str, CheckInfo] = {
             "every leaf in a service's slot carries its pkey; paired services have different "
             "pkeys; keys are locked",
             ("same_pkey", "untagged_mmap", "pkey_free_allowed", "pkey0_mprotect_allowed",
-             "mremap_drops_pkey"),
+             "mremap_drops_pkey", "pkey_mprotect_foreign_allowed"),
         ),
         CheckInfo(
             "pkru", "PKRU",
             "a service thread outside a call denies every key but its own; never fully open",
-            ("pkru_open", "thread_default_pkru"),
+            ("pkru_open", "thread_default_pkru", "enable_opens_threads",
+             "signal_pkru_inherit"),
         ),
         CheckInfo(
             "tlb_state", "TLB generations",
