@@ -421,14 +421,6 @@ class Session:
             findings += self._judge_spin_start(step, index)
         spinning = {x.name for x in m.live() if x.spinner is not None}
         m.apply(step, a, now)
-        tlb_snap = None
-        if self.snap is not None and (pred.cutoff or spinning):
-            # The step's own flushes, read before its cut-offs are judged: stopping a
-            # spinner ends its thread, whose stack unmap flushes that service's mm and its
-            # peers'. Read after that, a peer's missing flush from the step (a fork's,
-            # say) hides behind the spinner's own (fork_cow_skips_peers with PTI, where
-            # the stale-TLB witness has no time to see it, was missed that way).
-            tlb_snap = self._capture(f"step-{index}-tlb")
         findings += self._after(step, pred, rec, index)
         self._track_held()
         # a spinner the model lost without a cut-off to judge (its region moved): stop
@@ -443,7 +435,7 @@ class Session:
             snap = self._capture(f"step-{index}")
             findings += oracles.snapshot_findings(snap, m, index)
             if self.last_snap is not None:
-                findings += oracles.tlb_step_findings(self.last_snap, tlb_snap or snap,
+                findings += oracles.tlb_step_findings(self.last_snap, snap,
                                                       facts_before, m, pred, pids, index,
                                                       actor, step.svc)
             self.last_snap = snap
