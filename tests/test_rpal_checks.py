@@ -20,6 +20,7 @@ from synth import (
     cpu,
     facts,
     leaf,
+    mm,
     pkru_for,
     rpal_snapshot,
     service_maps,
@@ -181,6 +182,20 @@ def _signal_pkru_inherit() -> list[Snapshot]:
     return [with_task(rpal_snapshot(), 101, pkru=pkru_for(1) & ~(3 << 4))]
 
 
+def _fork_keeps_copy() -> list[Snapshot]:
+    # A's fork child (pid 103, its own mm) kept A's copy of B's slot
+    s = rpal_snapshot()
+    child = mm(0xFFFF888000300000, (103,), (slot(1, 0x7000000), slot(2, B_TABLE, True)))
+    return [replace(s, mms=(*s.mms, child))]
+
+
+def test_a_fork_child_with_its_parents_slot_only_passes() -> None:
+    s = rpal_snapshot()
+    child = mm(0xFFFF888000300000, (103,), (slot(1, 0x7000000),))  # unmarked: its own
+    fs = judge([replace(s, mms=(*s.mms, child))])
+    assert "fail" not in statuses(fs, "slot_copies")
+
+
 def _peer_generation_stayed(owner_pid: int) -> Snaps:
     def make() -> list[Snapshot]:
         before = rpal_snapshot("before")
@@ -197,6 +212,7 @@ BUG_ROWS: dict[str, tuple[Snaps, str]] = {
     "pkey_mprotect_foreign_allowed": (_pkey_mprotect_foreign_allowed, "keys"),
     "enable_opens_threads": (_enable_opens_threads, "pkru"),
     "signal_pkru_inherit": (_signal_pkru_inherit, "pkru"),
+    "fork_keeps_copy": (_fork_keeps_copy, "slot_copies"),
     # the per-path flush bugs all show as an owner's flush that left the peer's generation
     "dontneed_skips_peers": (_peer_generation_stayed(101), "tlb_state"),
     "mremap_move_skips_peers": (_peer_generation_stayed(102), "tlb_state"),

@@ -49,7 +49,7 @@ CHECKS: dict[str, CheckInfo] = {
             "table as the owner's own entry and carries the marker bit; nothing else is copied; "
             "after release or exit, no copies",
             ("keep_copy_on_release", "keep_copy_on_exit", "wrong_slot_copy",
-             "release_clears_first_peer"),
+             "release_clears_first_peer", "fork_keeps_copy"),
         ),
         CheckInfo(
             "keys", "Protection keys",
@@ -453,6 +453,22 @@ def check_slot_copies(snap: Snapshot, facts: Facts, svcs: dict[str, Service], ct
                               f"{role} is not paired and holds no entry of another slot",
                               s.label(), pid=s.pid, slot=s.slot,
                               slots=[e.slot for e in mm.slots])
+    # a copy belongs to a pair: an mm that is no service's (a fork child of a paired
+    # service, say) holds none; its own entries (a child's copy of its parent's slot) are
+    # not marked
+    own_mms = {s.mm.address for s in svcs.values() if s.mm is not None}
+    for other in snap.mms:
+        if other.address in own_mms or isinstance(other.slots, Absent):
+            continue
+        for e in other.slots:
+            if e.marker:
+                pids = ",".join(str(t) for t in other.tasks) or "none"
+                yield ctx.finding(
+                    "slot_copies", False,
+                    f"an mm that is no service's (tasks {pids}) holds a copy of slot {e.slot}"
+                    " (marked): a copy belongs to a pair", f"mm {hx(other.address)}",
+                    pids=list(other.tasks), slot=e.slot, actual_table=hx(e.table),
+                    raw=hx(e.raw), expected_table=None)
     # a dead service's slot must not be mapped by anyone
     for d in (c for c in facts.services.values() if not c.alive):
         slot = (dead_slots or {}).get(d.role, d.slot)
