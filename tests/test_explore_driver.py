@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -60,21 +61,26 @@ def test_planted_fault_is_found_named_and_shrunk(fault: str, check: str) -> None
     assert res.failure.step_index == len(res.failure.steps) - 1
 
 
+def _raise_at(s: Session, exc: Callable[[], Exception], *, once: bool, at: int = 5) -> None:
+    """The session's 5th step (and, unless `once`, every later one) raises exc()."""
+    real = s._run
+    calls = 0
+
+    def failing(*a, **k):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls == at or (not once and calls > at):
+            raise exc()
+        return real(*a, **k)
+
+    s._run = failing  # type: ignore[method-assign]
+
+
 def test_an_error_of_the_explorer_is_no_verdict() -> None:
     """A bug of the explorer itself (any exception but a failed check) ends the run as
     ExplorerBug (exit 125 in the CLI), never as a failed check of the kernel."""
     s = session()
-    real = s._run
-    calls = 0
-
-    def broken(*a, **k):  # type: ignore[no-untyped-def]
-        nonlocal calls
-        calls += 1
-        if calls == 5:
-            raise TypeError("planted")
-        return real(*a, **k)
-
-    s._run = broken  # type: ignore[method-assign]
+    _raise_at(s, lambda: TypeError("planted"), once=True)
     with pytest.raises(ExplorerBug, match="planted"):
         explore(s, seed=1, steps=20, seconds=60, services=4, max_examples=5)
 
@@ -263,16 +269,6 @@ def test_qemu_dying_under_hypothesis_is_a_qemu_crash_not_an_explorer_bug(once: b
     from testbed.errors import QemuCrash
 
     s = session()
-    real = s._run
-    calls = 0
-
-    def crashing(*a, **k):  # type: ignore[no-untyped-def]
-        nonlocal calls
-        calls += 1
-        if calls == 5 or (not once and calls > 5):
-            raise QemuCrash("QEMU died (signal 11)")
-        return real(*a, **k)
-
-    s._run = crashing  # type: ignore[method-assign]
+    _raise_at(s, lambda: QemuCrash("QEMU died (signal 11)"), once=once)
     with pytest.raises(QemuCrash, match="signal 11"):
         explore(s, seed=1, steps=20, seconds=60, services=4, max_examples=5)
