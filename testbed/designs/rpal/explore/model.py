@@ -694,8 +694,11 @@ class Model:
             # a reader's first read is the page's value, a writer's first write its value
             v = int(step.args.get("value", 0)) if write else \
                 pred.expect.outcomes[0].fields.get("value")
+            # a service that dies of SIGSEGV here could not even take the fault in the
+            # new thread: its PKRU or its stack's key is wrong (diagnosed as for `thread`)
             return Prediction(Expect("faults", (ok(**({} if v is None else {"first": v})),),
-                                     pred.expect.why))
+                                     pred.expect.why,
+                                     died_check="keys" if a.enabled else None))
         return pred
 
     # ----- spinner cut-offs -----------------------------------------------------------------
