@@ -272,3 +272,23 @@ def test_qemu_dying_under_hypothesis_is_a_qemu_crash_not_an_explorer_bug(once: b
     _raise_at(s, lambda: QemuCrash("QEMU died (signal 11)"), once=once)
     with pytest.raises(QemuCrash, match="signal 11"):
         explore(s, seed=1, steps=20, seconds=60, services=4, max_examples=5)
+
+
+@pytest.mark.parametrize("pkru,status", [("own", "pass"), ("0x0", "fail"),
+                                          ("zz", "error")])
+def test_spinner_start_pkru_is_judged_and_a_malformed_one_is_an_error(
+        pkru: str, status: str | None) -> None:
+    """The spinner's `* spinstart` claim: its creator's PKRU passes, another fails, and a
+    line whose PKRU cannot be read is an error (no verdict), never a pass."""
+    s = session()
+    s.execute(Step("spawn", "a"))
+    s.execute(Step("enable", "a", {"pkey": 2}))
+    want = s.model.svcs["a"].main_pkru
+    assert want is not None
+    if pkru == "own":
+        pkru = hex(want)
+    ev = Answer("event", {"svc": "a", "tid": "9", "pkru": pkru}, event="spinstart")
+    s.agent._events.append(ev)  # type: ignore[attr-defined]
+    (f,) = s._judge_spin_start(Step("spin", "a"), 3)
+    assert f.check == "pkru" and f.source == "guest"
+    assert f.status.value == status, f.message

@@ -367,8 +367,10 @@ async def take_migration_stream(
             )
             results["migrate"] = None  # not sent when getfd failed (its error is raised)
             if not isinstance(results["getfd"], BaseException):
-                results["migrate"] = (await asyncio.gather(
-                    qmp.execute("migrate", {"uri": f"fd:{name}"}), return_exceptions=True))[0]
+                try:
+                    results["migrate"] = await qmp.execute("migrate", {"uri": f"fd:{name}"})
+                except Exception as exc:  # judged below with the others
+                    results["migrate"] = exc
             queried = results.get("query-status")
             if isinstance(queried, dict):
                 before = state = str(queried.get("status"))

@@ -432,12 +432,14 @@ class Session:
                 self._call(rec, "spinstop", svc=name)
         self.steps_done += 1
         if self.snap is not None:
-            snap = self._capture(f"step-{index}")
+            t0 = time.perf_counter()
+            snap = self.snap.capture(f"step-{index}")
+            self.seconds_snapshot += time.perf_counter() - t0
+            self.snapshots += 1
             findings += oracles.snapshot_findings(snap, m, index)
             if self.last_snap is not None:
-                findings += oracles.tlb_step_findings(self.last_snap, snap,
-                                                      facts_before, m, pred, pids, index,
-                                                      actor, step.svc)
+                findings += oracles.tlb_step_findings(self.last_snap, snap, facts_before, m,
+                                                      pred, pids, index, actor, step.svc)
             self.last_snap = snap
         if self.console is not None:
             findings += self.console.findings(index)
@@ -451,14 +453,6 @@ class Session:
             rec.check = bad[0].check
             raise failure_type(bad[0].check)(index, step, bad)
 
-    def _capture(self, name: str) -> Snapshot:
-        assert self.snap is not None
-        t0 = time.perf_counter()
-        snap = self.snap.capture(name)
-        self.seconds_snapshot += time.perf_counter() - t0
-        self.snapshots += 1
-        return snap
-
     def _judge_spin_start(self, step: Step, index: int) -> list[Finding]:
         """The PKRU a spinner thread says it started with (RDPKRU, a guest claim) against
         the model's for a new thread: its creator's. A wrong one can kill the service at
@@ -471,6 +465,11 @@ class Session:
         out = []
         for ev in starts:
             got = ev.get_int("pkru")
+            if got is None:  # hostile or broken: no verdict on a PKRU we could not read
+                out.append(replace(oracles.finding(
+                    "pkru", False, f"{s.name}'s spinner start line carries no PKRU: "
+                    f"{ev.text()[:200]}", index, s.name, error=True), source="guest"))
+                continue
             f = oracles.finding(
                 "pkru", got == want,
                 f"{s.name}'s spinner thread {ev.fields.get('tid', '?')} started with PKRU "
